@@ -1,0 +1,42 @@
+# refdir — two commands for a fresh machine:  `make demo`  and  `make test`.
+# Each bootstraps .venv itself; `make setup` does the set-up alone.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.refdir-setup
+# The CPU wheel of torch 2.13.0 (on disk here; a small download elsewhere). Installed first so that
+# nothing later resolves an unpinned torch to a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+export RAY_USAGE_STATS_ENABLED := 0
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-all test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" || $(BIN)/python -m pip install -q "$(TORCH_SPEC)" --index-url $(TORCH_INDEX)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/refdir demo
+
+# Default suite: everything but the slow end-to-end runs (under ~15 minutes on 2 cores).
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" -q
+
+# The README's test command: the whole suite, end-to-end Prefect + Ray runs included.
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""refdir.schemas"""

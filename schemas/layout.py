@@ -1,0 +1,131 @@
+"""Store layout: every path refdir writes, relative to the store root.
+
+One root (a local folder, file:// or s3://bucket/prefix) holds all runs. Data objects are written
+first, then a done-marker (JSON: rows, sha256), then the stage manifest last; readers list markers,
+never data files, so a shard without a marker does not exist.
+
+    runs/{run_id}/run.json
+    runs/{run_id}/{model}/activations/split={split}/label={label}/part-{job:05d}.parquet
+    runs/{run_id}/{model}/activations/_done/{split}-{label}-{job:05d}.json
+    runs/{run_id}/{model}/sums/part-{split}-{label}-{job:05d}.parquet
+    runs/{run_id}/{model}/prompts/part-{split}-{label}.parquet
+    runs/{run_id}/{model}/means.parquet, candidates.parquet
+    runs/{run_id}/{model}/scores/part-{job:05d}.parquet (+ _done/)
+    runs/{run_id}/{model}/direction.safetensors, direction.json, directions.parquet
+    runs/{run_id}/{model}/completions/{dataset}/{intervention}/part-{job:05d}.parquet (+ _done/)
+    runs/{run_id}/{model}/evals/{dataset}-{intervention}.parquet
+    runs/{run_id}/{model}/model.parquet                     the model's row of `runs`
+    runs/{run_id}/{model}/_manifest.json
+    runs/{run_id}/report.html
+    models/organism-seed{seed}/   the refusal model organism built by `refdir organism`/`refdir demo`
+"""
+
+from __future__ import annotations
+
+STAGES = ("prompts", "extract", "aggregate", "select", "evaluate")
+SPLITS = ("train", "val")
+LABELS = ("harmful", "harmless")
+
+
+def run_dir(run_id: str) -> str:
+    return f"runs/{run_id}"
+
+
+def run_json(run_id: str) -> str:
+    return f"{run_dir(run_id)}/run.json"
+
+
+def report_html(run_id: str) -> str:
+    return f"{run_dir(run_id)}/report.html"
+
+
+def model_dir(run_id: str, model: str) -> str:
+    return f"{run_dir(run_id)}/{model}"
+
+
+def model_row(run_id: str, model: str) -> str:
+    """The model's row of the `runs` table (family, sizes, eoi tokens)."""
+    return f"{model_dir(run_id, model)}/model.parquet"
+
+
+def manifest(run_id: str, model: str) -> str:
+    return f"{model_dir(run_id, model)}/_manifest.json"
+
+
+def activation_shard(run_id: str, model: str, split: str, label: str, job: int) -> str:
+    return f"{model_dir(run_id, model)}/activations/split={split}/label={label}/part-{job:05d}.parquet"
+
+
+def activation_marker(run_id: str, model: str, split: str, label: str, job: int) -> str:
+    return f"{model_dir(run_id, model)}/activations/_done/{split}-{label}-{job:05d}.json"
+
+
+def activation_markers_dir(run_id: str, model: str) -> str:
+    return f"{model_dir(run_id, model)}/activations/_done"
+
+
+def sums_shard(run_id: str, model: str, split: str, label: str, job: int) -> str:
+    return f"{model_dir(run_id, model)}/sums/part-{split}-{label}-{job:05d}.parquet"
+
+
+def prompts_table(run_id: str, model: str, split: str, label: str) -> str:
+    return f"{model_dir(run_id, model)}/prompts/part-{split}-{label}.parquet"
+
+
+def means_table(run_id: str, model: str) -> str:
+    return f"{model_dir(run_id, model)}/means.parquet"
+
+
+def candidates_table(run_id: str, model: str) -> str:
+    return f"{model_dir(run_id, model)}/candidates.parquet"
+
+
+def score_shard(run_id: str, model: str, job: int) -> str:
+    return f"{model_dir(run_id, model)}/scores/part-{job:05d}.parquet"
+
+
+def score_marker(run_id: str, model: str, job: int) -> str:
+    return f"{model_dir(run_id, model)}/scores/_done/{job:05d}.json"
+
+
+def direction_tensors(run_id: str, model: str) -> str:
+    return f"{model_dir(run_id, model)}/direction.safetensors"
+
+
+def direction_json(run_id: str, model: str) -> str:
+    return f"{model_dir(run_id, model)}/direction.json"
+
+
+def directions_table(run_id: str, model: str) -> str:
+    return f"{model_dir(run_id, model)}/directions.parquet"
+
+
+def completion_shard(run_id: str, model: str, dataset: str, intervention: str, job: int) -> str:
+    return f"{model_dir(run_id, model)}/completions/{dataset}/{intervention}/part-{job:05d}.parquet"
+
+
+def completion_marker(run_id: str, model: str, dataset: str, intervention: str, job: int) -> str:
+    return f"{model_dir(run_id, model)}/completions/_done/{dataset}-{intervention}-{job:05d}.json"
+
+
+def evals_table(run_id: str, model: str, dataset: str, intervention: str) -> str:
+    return f"{model_dir(run_id, model)}/evals/{dataset}-{intervention}.parquet"
+
+
+def organism_dir(seed: int) -> str:
+    return f"models/organism-seed{seed}"
+
+
+# Globs over the whole store, used for DuckDB views (data files; views keep only marked shards).
+VIEW_GLOBS = {
+    "activations": "runs/*/*/activations/split=*/label=*/part-*.parquet",
+    "sums": "runs/*/*/sums/part-*.parquet",
+    "prompts": "runs/*/*/prompts/part-*.parquet",
+    "means": "runs/*/*/means.parquet",
+    "candidates": "runs/*/*/candidates.parquet",
+    "scores": "runs/*/*/scores/part-*.parquet",
+    "directions": "runs/*/*/directions.parquet",
+    "completions": "runs/*/*/completions/*/*/part-*.parquet",
+    "evals": "runs/*/*/evals/*.parquet",
+    "runs": "runs/*/*/model.parquet",
+}

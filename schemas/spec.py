@@ -1,0 +1,208 @@
+"""The run specification: one frozen pydantic model loaded from TOML.
+
+`RunSpec` is the only thing a user writes. Every field carries a description, and
+`infra/specs/example.toml` mirrors the model in the same order (tests/test_spec.py keeps them in
+step). The run id is the run name plus a hash of the fields that change results (models, prompts,
+extraction, selection, generation, evaluation); where the data lives (`store`) and how much hardware
+computes it (`compute`) are not part of the identity, so a run can move to a cluster and resume.
+
+    spec = load_spec("infra/specs/example.toml")
+    spec.run_id  # 'nightly-3f9c2a1b7d'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message says what, where and how to fix it."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(_Frozen):
+    """One model of a run."""
+
+    key: str = Field("", description="Short name used in store paths and tables; defaults to the last part of `path`.")
+    path: str = Field(..., description="HF hub id or local folder (a folder made by save_pretrained, or holding a GGUF file).")
+    revision: str | None = Field(None, description="Pinned hub revision (commit hash or tag); ignored for local folders.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path` (loaded with transformers' gguf_file=).")
+    family: str | None = Field(None, description="Family from `refdir families`; resolved from the config and tokenizer when unset.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype: auto = bfloat16 on GPU, float32 on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Allow the model's own code (Qwen v1 needs it). Off by default.")
+    refusal_tokens: list[str] | None = Field(
+        None, description="Override the family's refusal token strings (first token of each is scored)."
+    )
+
+    @model_validator(mode="after")
+    def _default_key(self) -> "ModelSpec":
+        if not self.key:
+            object.__setattr__(self, "key", _key_from_path(self.path))
+        if not _KEY_RE.match(self.key):
+            raise ValueError(f"model key {self.key!r} must match {_KEY_RE.pattern} (it names store folders)")
+        return self
+
+
+def _key_from_path(path: str) -> str:
+    name = Path(path.rstrip("/")).name or "model"
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", name).strip("-.") or "model"
+    return name[:64]
+
+
+class PromptSpec(_Frozen):
+    """Where each split's instructions come from and how many are drawn (the paper's per-run draw)."""
+
+    harmful_train: str = Field("builtin:harmful", description="Source of harmful train prompts: builtin:NAME, file:PATH or hf:DATASET[:split][@revision].")
+    harmless_train: str = Field("builtin:harmless", description="Source of harmless train prompts.")
+    harmful_val: str = Field("builtin:harmful_val", description="Source of harmful validation prompts (selection).")
+    harmless_val: str = Field("builtin:harmless_val", description="Source of harmless validation prompts (selection).")
+    harmful_test: str = Field("builtin:harmful_test", description="Source of harmful evaluation prompts (paper: JailbreakBench).")
+    harmless_test: str = Field("builtin:harmless_val", description="Source of harmless evaluation prompts; drawn after the others from the same RNG stream.")
+    n_train: int = Field(128, ge=1, description="Prompts drawn per label for extraction (paper: 128).")
+    n_val: int = Field(32, ge=1, description="Prompts drawn per label for selection (paper: 32).")
+    n_test: int = Field(100, ge=1, description="Prompts drawn per label for evaluation (paper: 100).")
+    seed: int = Field(42, description="random.seed() before the draw, as in the official code.")
+    instruction_column: str = Field("instruction", description="Column holding the instruction in file/hf sources.")
+    category_column: str = Field("category", description="Column holding the category (optional in the data).")
+    filter_train: bool = Field(True, description="Keep harmful train prompts with refusal score > 0 and harmless < 0.")
+    filter_val: bool = Field(True, description="Apply the same filter to the validation prompts.")
+
+
+class ExtractionSpec(_Frozen):
+    """How activations are cut into jobs and stored (part of the run identity)."""
+
+    prompts_per_job: int = Field(64, ge=1, description="Prompts per extraction job (one Parquet shard each).")
+    activation_dtype: Literal["float32", "float16"] = Field("float32", description="Stored activation precision (float16 skips byte-stream-split).")
+    candidates_per_job: int = Field(16, ge=1, description="Candidate directions scored per selection job.")
+
+
+class SelectionSpec(_Frozen):
+    """The paper's filters on candidate directions."""
+
+    max_layer_fraction: float = Field(0.8, gt=0, le=1, description="Discard candidates with layer >= int(fraction * n_layers).")
+    kl_threshold: float = Field(0.1, ge=0, description="Discard candidates whose ablation KL on harmless val exceeds this.")
+    induce_threshold: float = Field(0.0, description="Discard candidates whose induced refusal score is below this.")
+    prune_norm: float = Field(1e-6, ge=0, description="Skip candidates with a smaller norm (layer-0 template positions are exactly zero).")
+    allow_fallback: bool = Field(False, description="When every candidate is filtered, pick the best bypass anyway and mark the run.")
+
+
+class GenerationSpec(_Frozen):
+    """Greedy generation for evaluation."""
+
+    max_new_tokens: int = Field(512, ge=1, description="New tokens per completion (paper: 512).")
+    batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
+
+
+class EvaluationSpec(_Frozen):
+    """What is evaluated after selection."""
+
+    judges: list[str] = Field(["substring"], description="Judges: 'substring' always; classifier judges as 'hf-classifier:PATH' or 'llamaguard:PATH'.")
+    prompts_per_job: int = Field(50, ge=1, description="Prompts per evaluation job.")
+    ce_texts: str = Field("builtin:harmless_val", description="Harmless texts for the CE-loss damage metric.")
+
+
+class StoreSpec(_Frozen):
+    """Where everything is written."""
+
+    uri: str = Field("refdir-store", description="Local folder, file:// or s3://bucket/prefix (REFDIR_STORE and --store override).")
+    endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, ...); else AWS_ENDPOINT_URL.")
+    key: str | None = Field(None, description="S3 access key id; else AWS_ACCESS_KEY_ID.")
+    secret: SecretStr | None = Field(None, description="S3 secret; else AWS_SECRET_ACCESS_KEY. Never logged.")
+
+
+class ComputeSpec(_Frozen):
+    """Hardware: not part of the run identity."""
+
+    ray_address: str | None = Field(None, description="Existing Ray cluster (ray://host:10001 or host:6379); else RAY_ADDRESS, else a local cluster.")
+    num_workers: int | None = Field(None, ge=1, description="Model actors per model; default = GPUs / gpus_per_worker, or 1 on CPU.")
+    gpus_per_worker: float = Field(1.0, ge=0, description="GPUs per actor when the cluster has GPUs (a k-GPU group for big models).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per actor.")
+    batch_size: int = Field(32, ge=1, description="Prompts per forward pass in extraction and scoring.")
+    max_retries: int = Field(2, ge=0, description="Retries of a job after an infrastructure failure (actor died, node lost).")
+
+
+class RunSpec(_Frozen):
+    """A whole run: models x prompts x method settings -> one run id."""
+
+    name: str = Field(..., description="Run name; the run id is this plus a hash of the spec.")
+    models: list[ModelSpec] = Field(..., min_length=1, description="Models of the run; each becomes one Prefect sub-flow.")
+    prompts: PromptSpec = Field(PromptSpec(), description="Prompt sources and draw sizes.")
+    extraction: ExtractionSpec = Field(ExtractionSpec(), description="Job sizes and activation storage.")
+    selection: SelectionSpec = Field(SelectionSpec(), description="Direction selection filters.")
+    generation: GenerationSpec = Field(GenerationSpec(), description="Greedy generation settings.")
+    evaluation: EvaluationSpec = Field(EvaluationSpec(), description="Evaluation settings.")
+    store: StoreSpec = Field(StoreSpec(), description="Store location and credentials.")
+    compute: ComputeSpec = Field(ComputeSpec(), description="Ray cluster and worker sizes.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not _KEY_RE.match(v):
+            raise ValueError(f"run name {v!r} must match {_KEY_RE.pattern}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> "RunSpec":
+        keys = [m.key for m in self.models]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"duplicate model keys {dup}: give each model a distinct `key`")
+        return self
+
+    def identity(self) -> dict:
+        """The fields that determine results (hashed into the run id)."""
+        return self.model_dump(mode="json", exclude={"store", "compute"})
+
+    @property
+    def spec_hash(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.name}-{self.spec_hash}"
+
+    def model(self, key: str) -> ModelSpec:
+        for m in self.models:
+            if m.key == key:
+                return m
+        raise SpecError(f"run {self.run_id} has no model {key!r}; models: {[m.key for m in self.models]}")
+
+
+def parse_spec(data: dict, source: str = "<spec>") -> RunSpec:
+    """Validate a spec dict, turning pydantic's errors into one SpecError naming each bad field."""
+    try:
+        return RunSpec.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = "unknown key (check the spelling against infra/specs/example.toml)" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {where}: {msg}")
+        raise SpecError(f"{source}: invalid spec\n" + "\n".join(lines)) from None
+
+
+def load_spec(path: str | Path) -> RunSpec:
+    """Read a TOML spec file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file {str(p)!r} not found")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{p}: not valid TOML: {e}") from None
+    return parse_spec(data, str(p))
