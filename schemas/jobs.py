@@ -41,6 +41,7 @@ class ExtractJob(_Job):
     prompts: list[Prompt]
     activation_dtype: Literal["float32", "float16"] = "float32"
     batch_size: int = 32
+    filter_prompts: bool = Field(True, description="Apply the paper's refusal-score filter to this slice's sums.")
 
     @property
     def job_id(self) -> str:

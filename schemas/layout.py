@@ -8,9 +8,10 @@ never data files, so a shard without a marker does not exist.
     runs/{run_id}/{model}/activations/split={split}/label={label}/part-{job:05d}.parquet
     runs/{run_id}/{model}/activations/_done/{split}-{label}-{job:05d}.json
     runs/{run_id}/{model}/sums/part-{split}-{label}-{job:05d}.parquet
-    runs/{run_id}/{model}/prompts/part-{split}-{label}.parquet
+    runs/{run_id}/{model}/prompts/part-{split}-{label}-{job:05d}.parquet
     runs/{run_id}/{model}/means.parquet, candidates.parquet
-    runs/{run_id}/{model}/scores/part-{job:05d}.parquet (+ _done/)
+    runs/{run_id}/{model}/scores/part-{job:05d}.parquet (+ _done/)   per-job score shards
+    runs/{run_id}/{model}/scores.parquet                     all candidates + drop reasons (selection)
     runs/{run_id}/{model}/direction.safetensors, direction.json, directions.parquet
     runs/{run_id}/{model}/completions/{dataset}/{intervention}/part-{job:05d}.parquet (+ _done/)
     runs/{run_id}/{model}/evals/{dataset}-{intervention}.parquet
@@ -68,8 +69,9 @@ def sums_shard(run_id: str, model: str, split: str, label: str, job: int) -> str
     return f"{model_dir(run_id, model)}/sums/part-{split}-{label}-{job:05d}.parquet"
 
 
-def prompts_table(run_id: str, model: str, split: str, label: str) -> str:
-    return f"{model_dir(run_id, model)}/prompts/part-{split}-{label}.parquet"
+def prompts_shard(run_id: str, model: str, split: str, label: str, job: int) -> str:
+    """Per-prompt baseline refusal score and kept flag, written by the extraction job beside its shard."""
+    return f"{model_dir(run_id, model)}/prompts/part-{split}-{label}-{job:05d}.parquet"
 
 
 def means_table(run_id: str, model: str) -> str:
@@ -86,6 +88,11 @@ def score_shard(run_id: str, model: str, job: int) -> str:
 
 def score_marker(run_id: str, model: str, job: int) -> str:
     return f"{model_dir(run_id, model)}/scores/_done/{job:05d}.json"
+
+
+def scores_table(run_id: str, model: str) -> str:
+    """Every scored candidate with its drop reason (null = survived), written by selection."""
+    return f"{model_dir(run_id, model)}/scores.parquet"
 
 
 def direction_tensors(run_id: str, model: str) -> str:
@@ -123,7 +130,7 @@ VIEW_GLOBS = {
     "prompts": "runs/*/*/prompts/part-*.parquet",
     "means": "runs/*/*/means.parquet",
     "candidates": "runs/*/*/candidates.parquet",
-    "scores": "runs/*/*/scores/part-*.parquet",
+    "scores": "runs/*/*/scores.parquet",
     "directions": "runs/*/*/directions.parquet",
     "completions": "runs/*/*/completions/*/*/part-*.parquet",
     "evals": "runs/*/*/evals/*.parquet",
