@@ -1,0 +1,92 @@
+"""Thin Ray actors: one loaded model serving extraction, scoring and evaluation jobs.
+
+    Worker = remote_worker(num_gpus=1, num_cpus=1, max_restarts=2)
+    actor = Worker.remote(model_spec, store_spec)
+    receipt = ray.get(actor.extract.remote(job))
+
+`ModelWorker` is plain Python (testable without Ray); `remote_worker` wraps it as a Ray actor class.
+The model loads in the constructor, so a restarted actor reloads it; every job is idempotent (it checks
+its marker first), so Ray's retry of an in-flight call after a crash never duplicates rows. Only job
+specs go in and small receipts come out; data moves through the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from refdir.schemas import layout
+from refdir.schemas.jobs import EvalJob, ExtractJob, Receipt, ScoreJob
+from refdir.schemas.spec import ModelSpec, StoreSpec
+from refdir.workers.evaluate import Direction, damage_metrics, run_eval
+from refdir.workers.extract import run_extract
+from refdir.workers.model import load_model
+from refdir.workers.scoring import Baseline, run_score
+from refdir.workers.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+class ModelWorker:
+    """Holds one model on one device (GPU when the actor was given one)."""
+
+    def __init__(self, model: ModelSpec, store: StoreSpec, device: str | None = None, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.lm = load_model(model, device)
+        self.store = Store.open(store)
+        self._baseline: dict[str, Baseline] = {}
+        self._vectors: dict[str, dict] = {}
+        self._directions: dict[str, Direction] = {}
+
+    def ping(self) -> dict:
+        """Small facts about the loaded model and the process (pid for fault tests)."""
+        lm = self.lm
+        return {"pid": os.getpid(), "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+                "family": lm.family.name, "n_layers": lm.n_layers, "d_model": lm.d_model,
+                "eoi_ids": lm.eoi_ids, "eoi_tokens": lm.eoi_tokens, "refusal_token_ids": lm.refusal_token_ids,
+                "missing_refusal_tokens": lm.missing_refusal_tokens}
+
+    def extract(self, job: ExtractJob) -> Receipt:
+        return run_extract(self.lm, self.store, job)
+
+    def score(self, job: ScoreJob) -> Receipt:
+        key = f"{job.run_id}/{job.model.key}"
+        if key not in self._vectors:
+            self._vectors[key] = self._load_candidates(job.run_id, job.model.key)
+        if key not in self._baseline:
+            self._baseline[key] = Baseline.compute(self.lm, job)
+        return run_score(self.lm, self.store, job, self._vectors[key], self._baseline[key])
+
+    def evaluate(self, job: EvalJob) -> Receipt:
+        return run_eval(self.lm, self.store, job, self._direction(job.run_id, job.model.key))
+
+    def damage(self, run_id: str, model_key: str, intervention: str, texts: list[str], prompts: list[str],
+               baseline_responses: list[str], batch_size: int) -> dict:
+        d = self._direction(run_id, model_key)
+        return damage_metrics(self.lm, d, intervention, texts, prompts, baseline_responses, batch_size)
+
+    def _load_candidates(self, run_id: str, model_key: str) -> dict[tuple[int, int], np.ndarray]:
+        t = self.store.read_table(layout.candidates_table(run_id, model_key))
+        pos, layer = t.column("position").to_pylist(), t.column("layer").to_pylist()
+        vec = t.column("vector").to_pylist()
+        return {(p, l): np.asarray(v, dtype=np.float64) for p, l, v in zip(pos, layer, vec)}
+
+    def _direction(self, run_id: str, model_key: str) -> Direction:
+        key = f"{run_id}/{model_key}"
+        if key not in self._directions:
+            meta = self.store.read_json(layout.direction_json(run_id, model_key))
+            self._directions[key] = Direction(torch.tensor(meta["vector"], dtype=torch.float32),
+                                              meta["layer"], meta["position"])
+        return self._directions[key]
+
+
+def remote_worker(num_gpus: float = 0, num_cpus: float = 1, max_restarts: int = 2):
+    """The Ray actor class for ModelWorker with these resources and restart policy."""
+    import ray
+
+    return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts,
+                      max_task_retries=max_restarts)(ModelWorker)

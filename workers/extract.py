@@ -1,0 +1,139 @@
+"""Extraction job: one forward pass over a slice of prompts -> activation shard, sums shard, prompt scores.
+
+    receipt = run_extract(lm, store, job)      # ExtractJob -> Receipt (writes data, then the marker)
+
+The forward pass captures the residual stream at every block input (resid_pre) at the post-instruction
+positions and, from the same logits, each prompt's baseline refusal score. The job writes three objects:
+
+- activations: one row per (prompt, layer, position), layer-major, float32 (or float16) vectors;
+- sums: per (position, layer) float64 sums and counts over the prompts that pass the paper's filter
+  (harmful score > 0, harmless score < 0), so means are exact and cheap to aggregate;
+- prompts: instruction, category, refusal score, kept flag;
+
+then the done-marker naming all three. A job whose marker exists is skipped (rerun = resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from refdir.schemas import layout
+from refdir.schemas.jobs import ExtractJob, Receipt
+from refdir.schemas.tables import activations_schema, prompts_schema, sums_schema
+from refdir.workers.directions import refusal_scores
+from refdir.workers.hooks import capture_resid_pre
+from refdir.workers.model import LoadedModel
+from refdir.workers.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+def forward_capture(lm: LoadedModel, instructions: list[str], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations (n, n_layers, n_pos, d) float32 on CPU and refusal scores (n,) float64."""
+    n_pos = len(lm.eoi_ids)
+    acts, scores = [], []
+    for start in range(0, len(instructions), batch_size):
+        enc = lm.encode(instructions[start : start + batch_size])
+        with capture_resid_pre(lm, n_pos) as cap, torch.inference_mode():
+            logits = lm.model(**enc).logits[:, -1, :]          # (batch, vocab)
+            acts.append(cap.activations())                      # (batch, n_layers, n_pos, d)
+        scores.append(refusal_scores(logits, lm.refusal_token_ids).cpu())
+    return torch.cat(acts), torch.cat(scores)
+
+
+def keep_mask(scores: torch.Tensor, label: str, enabled: bool) -> np.ndarray:
+    """The paper's filter: harmful prompts the model refuses (score > 0), harmless it does not (< 0)."""
+    s = scores.numpy()
+    if not enabled:
+        return np.ones_like(s, dtype=bool)
+    return s > 0 if label == "harmful" else s < 0
+
+
+def activation_table(job: ExtractJob, acts: torch.Tensor, dtype: str) -> pa.Table:
+    """(n, L, P, d) -> rows sorted layer-major: layer, then prompt, then position."""
+    n, n_layers, n_pos, d = acts.shape
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    flat = acts.permute(1, 0, 2, 3).reshape(-1, d).numpy().astype(np_dtype, copy=False)   # (L*n*P, d)
+    ids = np.array([p.prompt_id for p in job.prompts], dtype=np.int64)
+    cats = [p.category for p in job.prompts]
+    rows = n_layers * n * n_pos
+    schema = activations_schema(d, dtype)
+    cols = {
+        "run_id": pa.array([job.run_id] * rows, pa.string()),
+        "model": pa.array([job.model.key] * rows, pa.string()),
+        "split": pa.array([job.split] * rows, pa.string()),
+        "label": pa.array([job.label] * rows, pa.string()),
+        "prompt_id": pa.array(np.tile(np.repeat(ids, n_pos), n_layers)),
+        "category": pa.array(np.tile(np.repeat(np.array(cats, dtype=object), n_pos), n_layers), pa.string()),
+        "position": pa.array(np.tile(np.arange(-n_pos, 0, dtype=np.int16), n_layers * n)),
+        "layer": pa.array(np.repeat(np.arange(n_layers, dtype=np.int16), n * n_pos)),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), d),
+    }
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+def sums_table(job: ExtractJob, acts: torch.Tensor, kept: np.ndarray) -> pa.Table:
+    """Float64 sums and counts per (position, layer) over the kept prompts."""
+    _, n_layers, n_pos, d = acts.shape
+    sel = acts[torch.from_numpy(kept)].to(torch.float64)                # (k, L, P, d)
+    sums = sel.sum(dim=0).permute(1, 0, 2).reshape(-1, d).numpy()       # (P*L, d), position-major
+    rows = n_pos * n_layers
+    cols = {
+        "run_id": [job.run_id] * rows,
+        "model": [job.model.key] * rows,
+        "split": [job.split] * rows,
+        "label": [job.label] * rows,
+        "position": np.repeat(np.arange(-n_pos, 0, dtype=np.int16), n_layers),
+        "layer": np.tile(np.arange(n_layers, dtype=np.int16), n_pos),
+        "sum": pa.FixedSizeListArray.from_arrays(pa.array(sums.reshape(-1)), d),
+        "n": np.full(rows, int(kept.sum()), dtype=np.int64),
+    }
+    return pa.Table.from_pydict(cols, schema=sums_schema(d))
+
+
+def prompts_table(job: ExtractJob, scores: torch.Tensor, kept: np.ndarray) -> pa.Table:
+    n = len(job.prompts)
+    return pa.Table.from_pydict({
+        "run_id": [job.run_id] * n,
+        "model": [job.model.key] * n,
+        "split": [job.split] * n,
+        "label": [job.label] * n,
+        "prompt_id": [p.prompt_id for p in job.prompts],
+        "instruction": [p.instruction for p in job.prompts],
+        "category": [p.category for p in job.prompts],
+        "refusal_score": scores.numpy().astype(np.float64),
+        "kept": kept,
+    }, schema=prompts_schema())
+
+
+def run_extract(lm: LoadedModel, store: Store, job: ExtractJob) -> Receipt:
+    """Run one extraction job unless its marker exists; data objects first, marker last."""
+    run, key = job.run_id, job.model.key
+    marker_rel = layout.activation_marker(run, key, job.split, job.label, job.index)
+    done = store.marker(marker_rel)
+    if done is not None:
+        return Receipt(job_id=job.job_id, uri=store.url(done["data"]), rows=done["rows"], sha256=done["sha256"], skipped=True)
+    t0 = time.perf_counter()
+    acts, scores = forward_capture(lm, [p.instruction for p in job.prompts], job.batch_size)
+    kept = keep_mask(scores, job.label, job.filter_prompts)
+    data_rel = layout.activation_shard(run, key, job.split, job.label, job.index)
+    sums_rel = layout.sums_shard(run, key, job.split, job.label, job.index)
+    prompts_rel = layout.prompts_shard(run, key, job.split, job.label, job.index)
+    n_pos = acts.shape[2]
+    rows, sha = store.write_table(data_rel, activation_table(job, acts, job.activation_dtype), table_name="activations",
+                                  run_id=run, row_group_size=len(job.prompts) * n_pos)
+    store.write_table(sums_rel, sums_table(job, acts, kept), table_name="sums", run_id=run)
+    store.write_table(prompts_rel, prompts_table(job, scores, kept), table_name="prompts", run_id=run)
+    seconds = time.perf_counter() - t0
+    store.write_json(marker_rel, {
+        "job_id": job.job_id, "data": data_rel, "rows": rows, "sha256": sha, "sums": sums_rel, "prompts": prompts_rel,
+        "n_prompts": len(job.prompts), "n_kept": int(kept.sum()), "seconds": seconds,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    logger.info("%s %s: %d rows, %d/%d kept, %.2fs", key, job.job_id, rows, kept.sum(), len(job.prompts), seconds)
+    return Receipt(job_id=job.job_id, uri=store.url(data_rel), rows=rows, sha256=sha, seconds=seconds)
