@@ -1,0 +1,274 @@
+"""The `refdir` command line. Thin: parse, call one function, print; errors become one clear line.
+
+    refdir demo                      # organism -> full pipeline -> table of refusal rates
+    refdir run spec.toml             # run or resume a spec (Prefect + Ray)
+    refdir resume RUN_ID | status RUN_ID | report RUN_ID
+    refdir schedule spec.toml --cron "0 2 * * *"
+    refdir sql "select ..."          # DuckDB views over the whole store
+    refdir doctor MODEL | families | organism --out DIR
+    refdir export RUN_ID --model KEY --out DIR | export-official RUN_ID --model KEY --out DIR
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Refusal directions at pipeline scale (Arditi et al., 2024).")
+out = Console()
+err = Console(stderr=True)
+STORE_HELP = "Store root: local folder, file:// or s3://bucket/prefix (default: $REFDIR_STORE or ./refdir-store)."
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is the whole story: printed without a traceback."""
+    from refdir.flows.cluster import RayUnavailable
+    from refdir.flows.sql import SqlError
+    from refdir.flows.stages import StageError
+    from refdir.schemas.spec import SpecError
+    from refdir.schemas.tables import SchemaVersionError
+    from refdir.workers.chat import ChatTemplateError
+    from refdir.workers.families import FamilyError
+    from refdir.workers.judges import JudgeError
+    from refdir.workers.model import ModelLoadError
+    from refdir.workers.pool import JobsFailed
+    from refdir.workers.prompts import PromptSourceError
+    from refdir.workers.selection import SelectionError
+    from refdir.workers.store import StoreError
+
+    return (SpecError, ModelLoadError, FamilyError, ChatTemplateError, StoreError, SqlError, PromptSourceError,
+            StageError, SelectionError, RayUnavailable, JudgeError, JobsFailed, SchemaVersionError,
+            FileNotFoundError)
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("REFDIR_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("httpx", "prefect", "urllib3", "botocore", "s3fs", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        app()
+    except _user_errors() as e:
+        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        raise SystemExit(2) from None
+
+
+def _store_uri(store: Optional[str]) -> str:
+    return store or os.environ.get("REFDIR_STORE") or "refdir-store"
+
+
+def _print_table(rows: list[dict], title: str | None = None) -> None:
+    if not rows:
+        out.print("(no rows)")
+        return
+    t = Table(title=title)
+    for c in rows[0]:
+        t.add_column(str(c))
+    for r in rows:
+        t.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()])
+    out.print(t)
+
+
+# ---- model core ---------------------------------------------------------------------------------
+
+@app.command()
+def families(format: str = typer.Option("table", "--format", help="table or json")) -> None:
+    """List the family registry."""
+    from refdir.workers.families import FAMILIES
+
+    rows = [{"name": f.name, "model_types": list(f.model_types), "exact_orthogonalization": f.exact_orthogonalization,
+             "trust_remote_code": f.trust_remote_code, "refusal_tokens": list(f.refusal_tokens),
+             "example_models": list(f.example_models)} for f in FAMILIES.values()]
+    if format == "json":
+        out.print_json(json.dumps(rows))
+    else:
+        _print_table([{**r, "model_types": ",".join(r["model_types"]), "refusal_tokens": ",".join(r["refusal_tokens"]),
+                       "example_models": ", ".join(r["example_models"][:2])} for r in rows], "refdir families")
+
+
+@app.command()
+def doctor(model: str = typer.Argument(..., help="HF id or local folder"),
+           gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="GGUF file inside MODEL"),
+           family: Optional[str] = typer.Option(None, "--family", help="Family name (see `refdir families`)"),
+           trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+           format: str = typer.Option("table", "--format", help="table or json")) -> None:
+    """Load a model, resolve its family and check hook ablation against weight orthogonalisation."""
+    from refdir.schemas.spec import ModelSpec
+    from refdir.workers.doctor import doctor as run_doctor
+    from refdir.workers.model import preflight
+
+    spec = ModelSpec(path=model, gguf_file=gguf_file, family=family, trust_remote_code=trust_remote_code)
+    preflight(spec)
+    report = run_doctor(spec)
+    if format == "json":
+        out.print_json(json.dumps(report, default=str))
+    else:
+        _print_table([{"field": k, "value": v} for k, v in report.items()], f"refdir doctor {model}")
+
+
+@app.command()
+def organism(out_dir: Path = typer.Option(..., "--out", help="Folder to write the model into"),
+             seed: int = typer.Option(0, "--seed"), steps: int = typer.Option(250, "--steps")) -> None:
+    """Build and train the refusal model organism (CPU, under a minute)."""
+    from refdir.workers.organism import build_organism
+
+    path = build_organism(out_dir, seed=seed, steps=steps)
+    out.print(f"organism written to {path}")
+
+
+# ---- pipeline -----------------------------------------------------------------------------------
+
+def _run_and_print(spec, plain: bool) -> dict:
+    from refdir.flows.progress import make_reporter
+    from refdir.flows.runner import execute
+    from refdir.flows.summary import summary_rows
+
+    with make_reporter(plain or None) as rep:
+        summary = execute(spec, rep)
+    _print_summary(summary, summary_rows)
+    return summary
+
+
+def _print_summary(summary: dict, summary_rows) -> None:
+    from refdir.flows.report import summary_table_rows
+
+    out.print(f"run [bold]{summary['run_id']}[/bold] in {summary['store']}")
+    _print_table(summary_table_rows(summary), "refusal rate by model x intervention")
+    failed = {k: v for k, v in summary["models"].items() if v.get("status") != "done"}
+    for key, s in failed.items():
+        err.print(f"[red]model {key}: {s.get('status')}[/red] {s.get('error', '')}", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(spec_path: Path = typer.Argument(..., help="Run spec (TOML), see infra/specs/example.toml"),
+        store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Existing Ray cluster"),
+        allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Pick the best bypass when all candidates are filtered"),
+        plain: bool = typer.Option(False, "--plain", help="Log lines instead of progress bars")) -> None:
+    """Run a spec; rerunning the same spec resumes it."""
+    from refdir.flows.runner import with_overrides
+    from refdir.schemas.spec import load_spec
+
+    spec = with_overrides(load_spec(spec_path), store, ray_address, allow_fallback or None)
+    _run_and_print(spec, plain)
+
+
+@app.command()
+def resume(run_id: str, store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+           ray_address: Optional[str] = typer.Option(None, "--ray-address"),
+           plain: bool = typer.Option(False, "--plain")) -> None:
+    """Resume a stored run from its stored spec."""
+    from refdir.flows.runner import stored_spec, with_overrides
+
+    spec = with_overrides(stored_spec(_store_uri(store), run_id), _store_uri(store), ray_address)
+    _run_and_print(spec, plain)
+
+
+@app.command()
+def status(run_id: str, store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+           format: str = typer.Option("table", "--format", help="table or json")) -> None:
+    """Planned / done jobs per model and stage."""
+    from refdir.flows.runner import status_rows, stored_spec
+    from refdir.workers.store import Store
+
+    spec = stored_spec(_store_uri(store), run_id)
+    rows = status_rows(Store.open(spec.store, create=False), spec)
+    if format == "json":
+        out.print_json(json.dumps(rows))
+    else:
+        _print_table(rows, f"run {run_id}")
+
+
+@app.command()
+def schedule(spec_path: Path = typer.Argument(...), cron: str = typer.Option(..., "--cron", help='e.g. "0 2 * * *"'),
+             name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default: the run name)"),
+             store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+             register_only: bool = typer.Option(False, "--register-only",
+                                                help="Register the deployment with the Prefect API and exit (serve elsewhere)")) -> None:
+    """Serve (or register) a Prefect deployment that runs the spec on a cron schedule."""
+    from refdir.flows.runner import preflight, with_overrides
+    from refdir.flows.schedule import schedule_spec
+    from refdir.schemas.spec import load_spec
+
+    spec = with_overrides(load_spec(spec_path), store)
+    preflight(spec)
+    schedule_spec(spec, cron, name=name, serve=not register_only)
+
+
+@app.command()
+def sql(query: Optional[str] = typer.Argument(None, help="SQL; omit for an interactive shell"),
+        store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+        format: str = typer.Option("table", "--format", help="table, csv or json")) -> None:
+    """Query every stored table with DuckDB (views: runs, activations, prompts, means, candidates, scores, ...)."""
+    from refdir.flows.sql import interactive, run_sql
+    from refdir.workers.store import Store
+
+    st = Store.open(_store_uri(store), create=False)
+    if query is None:
+        interactive(st)
+    else:
+        out.print(run_sql(st, query, format), markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def report(run_id: str, store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+           out_path: Optional[Path] = typer.Option(None, "--out", help="Also copy the HTML here")) -> None:
+    """Write the run's self-contained HTML report (runs/RUN_ID/report.html)."""
+    from refdir.flows.report import write_report
+    from refdir.workers.store import Store
+
+    st = Store.open(_store_uri(store), create=False)
+    rel = write_report(st, run_id)
+    if out_path:
+        out_path.write_bytes(st.read_bytes(rel))
+    out.print(f"report: {out_path or st.url(rel)}")
+
+
+@app.command()
+def export(run_id: str, model: str = typer.Option(..., "--model", help="Model key in the run"),
+           out_dir: Path = typer.Option(..., "--out"), store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP)) -> None:
+    """Write the orthogonalised model (save_pretrained, tokenizer, model card)."""
+    from refdir.flows.export import export_model
+
+    path = export_model(_store_uri(store), run_id, model, out_dir)
+    out.print(f"orthogonalised model written to {path}")
+
+
+@app.command("export-official")
+def export_official(run_id: str, model: str = typer.Option(..., "--model"), out_dir: Path = typer.Option(..., "--out"),
+                    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP)) -> None:
+    """Write mean_diffs.pt-compatible arrays, direction_metadata.json and the evaluation list (official layout)."""
+    from refdir.flows.export import export_official as run_export
+
+    path = run_export(_store_uri(store), run_id, model, out_dir)
+    out.print(f"official-format files written to {path}")
+
+
+@app.command()
+def demo(store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+         seed: int = typer.Option(0, "--seed", help="Organism seed"),
+         plain: bool = typer.Option(False, "--plain")) -> None:
+    """Train the refusal organism and run the whole pipeline on it; prints refusal rates."""
+    from refdir.flows.demo import demo_spec
+
+    spec = demo_spec(_store_uri(store), seed)
+    _run_and_print(spec, plain)
+
+
+if __name__ == "__main__":
+    main()

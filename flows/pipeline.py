@@ -1,0 +1,111 @@
+"""The Prefect flows: a run is one flow, each model a sub-flow, each stage a task.
+
+    summary = run_flow(spec.model_dump(mode="json"))     # what `refdir run spec.toml` calls
+
+The run flow reads like the README's steps:
+  1. open the store and write run.json (refusing a stored run with a different spec),
+  2. draw the prompts once (the paper's seeded draw), shared by every model,
+  3. per model (a sub-flow; a failing model is reported and the others go on):
+     extract -> aggregate -> select -> evaluate, each a task with retries, each skipped when its
+     manifest says done and otherwise running only the jobs without a done-marker,
+  4. write the report and return a summary.
+Flows pass specs and store URIs only; Ray actors do the model work (flows/stages.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+
+from prefect import flow, task
+from prefect.cache_policies import NONE
+
+from refdir.flows.stages import ModelRun, write_run_json
+from refdir.flows.summary import model_summary, versions
+from refdir.schemas.spec import RunSpec, parse_spec
+from refdir.workers.prompts import draw_prompts
+from refdir.workers.store import Store
+
+logger = logging.getLogger(__name__)
+
+_PROGRESS = {"reporter": None}   # set by the CLI for the driver process; flows work without it
+
+
+def set_progress(reporter) -> None:
+    _PROGRESS["reporter"] = reporter
+
+
+@task(name="extract", retries=1, retry_delay_seconds=2, cache_policy=NONE)
+def extract_task(mr: ModelRun) -> None:
+    mr.extract()
+
+
+@task(name="aggregate", retries=1, retry_delay_seconds=2, cache_policy=NONE)
+def aggregate_task(mr: ModelRun) -> None:
+    mr.aggregate()
+
+
+@task(name="select", retries=1, retry_delay_seconds=2, cache_policy=NONE)
+def select_task(mr: ModelRun) -> None:
+    mr.select()
+
+
+@task(name="evaluate", retries=1, retry_delay_seconds=2, cache_policy=NONE)
+def evaluate_task(mr: ModelRun) -> None:
+    mr.evaluate()
+
+
+@flow(name="refdir-model", flow_run_name="{key}")
+def model_flow(spec: RunSpec, key: str) -> dict:
+    """One model's stages, in order; actors are released when the model is done or fails."""
+    run_spec = spec
+    store = Store.open(run_spec.store)
+    mr = ModelRun(run_spec, key, store, draw_prompts(run_spec.prompts), _PROGRESS["reporter"])
+    try:
+        extract_task(mr)
+        aggregate_task(mr)
+        select_task(mr)
+        evaluate_task(mr)
+    finally:
+        mr.close()
+    return model_summary(store, run_spec, key)
+
+
+@flow(name="refdir-run")
+def run_flow(spec: RunSpec | dict) -> dict:
+    """A whole run: every model of the spec; returns {model: summary} with failures reported, not raised.
+
+    `spec` is a RunSpec (the CLI) or its JSON dict (a scheduled deployment, whose store credentials come
+    from the environment: secrets are never written into deployment parameters).
+    """
+    run_spec = spec if isinstance(spec, RunSpec) else parse_spec(spec)
+    store = Store.open(run_spec.store)
+    write_run_json(store, run_spec, versions())
+    results = {}
+    for m in run_spec.models:
+        state = model_flow(spec=run_spec, key=m.key, return_state=True)
+        if state.is_completed():
+            results[m.key] = state.result()
+        else:
+            results[m.key] = {"model": m.key, "status": "failed", "error": _error_text(state)}
+    from refdir.flows.report import write_report
+
+    try:
+        write_report(store, run_spec.run_id)
+    except Exception:  # noqa: BLE001 - a report failure must not sink finished results
+        logger.warning("report failed:\n%s", traceback.format_exc())
+    return {"run_id": run_spec.run_id, "store": store.uri, "models": results}
+
+
+def _error_text(state) -> str:
+    try:
+        state.result()
+    except BaseException as e:  # noqa: BLE001 - the failed sub-flow's own exception
+        return f"{type(e).__name__}: {e}"
+    return state.message or "failed"
+
+
+def ensure_prefect_env() -> None:
+    """Offline defaults: no analytics (avoids 'database is locked' noise)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -1,0 +1,97 @@
+"""Entry points behind the CLI: check everything, then run, resume, report status or schedule.
+
+    summary = execute(spec)              # preflight -> fast path if finished -> Prefect run flow
+    spec = stored_spec(store, run_id)    # for `refdir resume`
+
+Preflight fails before any worker starts: the spec is valid (pydantic), every model path exists and
+its family resolves, every prompt source loads, judges are known, the store is writable and the Ray
+address answers. A run whose every model is done returns its summary from the manifests alone, without
+starting Prefect, Ray or a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from refdir.flows.cluster import check_address, resolve_address
+from refdir.flows.summary import model_summary, run_complete
+from refdir.schemas import layout
+from refdir.schemas.spec import RunSpec, SpecError, parse_spec
+from refdir.workers.judges import check_judge_name
+from refdir.workers.model import preflight as model_preflight
+from refdir.workers.prompts import draw_prompts
+from refdir.workers.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+def with_overrides(spec: RunSpec, store: str | None = None, ray_address: str | None = None,
+                   allow_fallback: bool | None = None) -> RunSpec:
+    """CLI flags and REFDIR_STORE override the spec's store / compute / fallback (not part of the run id)."""
+    data = spec.model_dump()
+    store = store or os.environ.get("REFDIR_STORE")
+    if store:
+        data["store"]["uri"] = store
+    if ray_address:
+        data["compute"]["ray_address"] = ray_address
+    if allow_fallback is not None:
+        data["selection"]["allow_fallback"] = allow_fallback
+    if spec.store.secret is not None:
+        data["store"]["secret"] = spec.store.secret.get_secret_value()
+    return parse_spec(data)
+
+
+def preflight(spec: RunSpec) -> Store:
+    """Everything that can be checked without loading a model; returns the opened, writable store."""
+    for name in spec.evaluation.judges:
+        check_judge_name(name)
+    draw_prompts(spec.prompts)
+    for m in spec.models:
+        model_preflight(m)
+    store = Store.open(spec.store)
+    store.check_writable()
+    address = resolve_address(spec.compute)
+    if address:
+        check_address(address)
+    return store
+
+
+def execute(spec: RunSpec, reporter=None) -> dict:
+    """Run (or resume) a spec to completion; failures of single models are in the summary."""
+    store = preflight(spec)
+    if run_complete(store, spec):
+        logger.info("run %s is complete in %s; nothing to do", spec.run_id, store.uri)
+        return {"run_id": spec.run_id, "store": store.uri,
+                "models": {m.key: model_summary(store, spec, m.key) for m in spec.models}}
+    from refdir.flows.pipeline import ensure_prefect_env, run_flow, set_progress
+
+    ensure_prefect_env()
+    set_progress(reporter)
+    try:
+        return run_flow(spec)
+    finally:
+        set_progress(None)
+
+
+def stored_spec(store_uri: str | None, run_id: str) -> RunSpec:
+    """The spec a run was started with (store credentials come from the environment / --store)."""
+    store = Store.open(store_uri or os.environ.get("REFDIR_STORE") or "refdir-store", create=False)
+    rel = layout.run_json(run_id)
+    if not store.exists(rel):
+        runs = sorted({p.split("/")[1] for p in store.glob("runs/*/run.json")})
+        raise SpecError(f"no run {run_id!r} in {store.uri}; runs there: {runs or 'none'}")
+    data = store.read_json(rel)["spec"]
+    data["store"]["uri"] = store.uri
+    return parse_spec(data, f"{store.uri}/{rel}")
+
+
+def status_rows(store: Store, spec: RunSpec) -> list[dict]:
+    rows = []
+    for m in spec.models:
+        s = model_summary(store, spec, m.key)
+        for stage, st in s["stages"].items():
+            rows.append({"model": m.key, "stage": stage, "status": st["status"] or "pending",
+                         "done": st["done"] if st["done"] is not None else 0,
+                         "planned": st["planned"] if st["planned"] is not None else "?"})
+    return rows

@@ -1,0 +1,263 @@
+"""The stages of one model's run, driver side: plan -> Ray jobs -> store, manifest written last.
+
+    mr = ModelRun(spec, "organism", store, draw)
+    mr.extract(); mr.aggregate(); mr.select(); mr.evaluate(); mr.close()
+
+Each stage is skipped whole when the model's manifest marks it done, and otherwise plans every job,
+skips the ones whose marker exists and runs the rest on the model's actors. Actors (one per GPU, or
+CPU actors) start only when a stage has work, so a finished run never loads a model. Prefect tasks in
+`flows/pipeline.py` wrap these methods; nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from refdir.flows import plan
+from refdir.flows.aggregate import aggregate_means
+from refdir.flows.cluster import actor_resources, ensure_ray
+from refdir.schemas import layout
+from refdir.schemas.jobs import Prompt
+from refdir.schemas.spec import RunSpec
+from refdir.schemas.tables import directions_schema, evals_schema, runs_schema, scores_schema
+from refdir.workers.pool import run_jobs
+from refdir.workers.selection import select_direction
+from refdir.workers.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on (empty split after filtering, ...); the message names model and split."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ModelRun:
+    def __init__(self, spec: RunSpec, key: str, store: Store, draw, progress=None):
+        self.spec, self.key, self.store, self.draw = spec, key, store, draw
+        self.model = spec.model(key)
+        self.run_id = spec.run_id
+        self.progress = progress
+        self._actors: list | None = None
+        self.info: dict | None = None
+
+    # ---- manifest ---------------------------------------------------------------------------
+    def manifest(self) -> dict:
+        rel = layout.manifest(self.run_id, self.key)
+        return self.store.read_json(rel) if self.store.exists(rel) else {"model": self.key, "stages": {}}
+
+    def stage_done(self, stage: str) -> bool:
+        return self.manifest()["stages"].get(stage, {}).get("status") == "done"
+
+    def mark(self, stage: str, planned: int, done: int, **extra) -> None:
+        m = self.manifest()
+        m["stages"][stage] = {"status": "done" if done == planned else "partial", "planned": planned,
+                              "done": done, "finished_at": _now(), **extra}
+        self.store.write_json(layout.manifest(self.run_id, self.key), m)
+
+    # ---- actors -----------------------------------------------------------------------------
+    def actors(self) -> list:
+        if self._actors is None:
+            import ray
+
+            from refdir.workers.actors import remote_worker
+
+            ensure_ray(self.spec.compute)
+            n, gpus, cpus = actor_resources(self.spec.compute)
+            worker = remote_worker(num_gpus=gpus, num_cpus=cpus, max_restarts=self.spec.compute.max_retries)
+            threads = max(1, int(cpus)) if gpus == 0 else None
+            self._actors = [worker.remote(self.model, self.spec.store, None, threads) for _ in range(n)]
+            infos = ray.get([a.ping.remote() for a in self._actors])
+            self.info = infos[0]
+            logger.info("%s: %d actor(s) on %s, family %s, %d layers", self.key, n, self.info["device"],
+                        self.info["family"], self.info["n_layers"])
+            self._write_model_row()
+        return self._actors
+
+    def close(self) -> None:
+        if self._actors:
+            import ray
+
+            for a in self._actors:
+                ray.kill(a)
+        self._actors = None
+
+    def _write_model_row(self) -> None:
+        i = self.info
+        row = {"run_id": [self.run_id], "model": [self.key], "model_path": [self.model.path], "family": [i["family"]],
+               "n_layers": [i["n_layers"]], "d_model": [i["d_model"]], "eoi_tokens": [i["eoi_tokens"]],
+               "refusal_token_ids": [i["refusal_token_ids"]], "spec_hash": [self.spec.spec_hash],
+               "created_at": [datetime.now(timezone.utc)]}
+        self.store.write_table(layout.model_row(self.run_id, self.key), pa.Table.from_pydict(row, schema=runs_schema()),
+                               table_name="runs", run_id=self.run_id)
+
+    def _run(self, stage: str, method: str, jobs: list, marker_of) -> tuple[int, int]:
+        todo = [j for j in jobs if self.store.marker(marker_of(j)) is None]
+        if self.progress:
+            self.progress.start(self.key, stage, len(jobs), len(jobs) - len(todo))
+        if todo:
+            tick = (lambda _r: self.progress.advance(self.key, stage)) if self.progress else None
+            run_jobs(self.actors(), method, todo, max_retries=self.spec.compute.max_retries,
+                     inflight=2, on_done=tick)
+        done = sum(self.store.marker(marker_of(j)) is not None for j in jobs)
+        return len(jobs), done
+
+    # ---- stages -----------------------------------------------------------------------------
+    def extract(self) -> None:
+        if self.stage_done("extract"):
+            return
+        planned, done = self._run("extract", "extract", plan.extract_jobs(self.spec, self.model, self.draw),
+                                  plan.extract_marker)
+        self.mark("extract", planned, done)
+
+    def aggregate(self) -> None:
+        if self.stage_done("aggregate"):
+            return
+        self._check_kept("train")
+        counts = aggregate_means(self.store, self.run_id, self.key, "train", self.spec.selection.prune_norm)
+        self.mark("aggregate", 1, 1, **counts)
+
+    def kept_prompts(self, split: str, label: str) -> list[Prompt]:
+        """Prompts of a split whose extraction marked them kept (the paper's filter), in draw order."""
+        rows = []
+        for job in plan.extract_jobs(self.spec, self.model, self.draw):
+            if job.split != split or job.label != label:
+                continue
+            t = self.store.read_table(layout.prompts_shard(self.run_id, self.key, split, label, job.index))
+            t = t.filter(pc.field("kept"))
+            rows += [Prompt(prompt_id=p, instruction=i, category=c) for p, i, c in
+                     zip(t["prompt_id"].to_pylist(), t["instruction"].to_pylist(), t["category"].to_pylist())]
+        return rows
+
+    def _check_kept(self, split: str) -> dict[str, list[Prompt]]:
+        kept = {label: self.kept_prompts(split, label) for label in ("harmful", "harmless")}
+        for label, rows in kept.items():
+            if not rows:
+                sign = "> 0" if label == "harmful" else "< 0"
+                raise StageError(
+                    f"model {self.key!r}: no {label} {split} prompt passed the filter (baseline refusal score {sign}); "
+                    f"the model may not refuse (check `refdir doctor`, its refusal tokens or chat template), use other "
+                    f"prompts, or set prompts.filter_{split} = false in the spec")
+        return kept
+
+    def select(self) -> None:
+        if self.stage_done("select"):
+            return
+        kept = self._check_kept("val")
+        cands = self.store.read_table(layout.candidates_table(self.run_id, self.key))
+        live = cands.filter(pc.invert(pc.field("skipped")))
+        pairs = list(zip(live["position"].to_pylist(), live["layer"].to_pylist()))
+        jobs = plan.score_jobs(self.spec, self.model, pairs, kept["harmful"], kept["harmless"])
+        planned, done = self._run("select", "score", jobs, plan.score_marker)
+        if done < planned:
+            self.mark("select", planned, done)
+            return
+        self._choose(cands, jobs)
+        self.mark("select", planned, done)
+
+    def _choose(self, cands: pa.Table, jobs: list) -> None:
+        tables = [self.store.read_table(layout.score_shard(self.run_id, self.key, j.index)) for j in jobs]
+        rows = pa.concat_tables(tables).to_pylist() if tables else []
+        n_layers = int(pc.max(cands["layer"]).as_py()) + 1
+        choice, annotated = select_direction(rows, n_layers, self.spec.selection)
+        self.store.write_table(layout.scores_table(self.run_id, self.key),
+                               pa.Table.from_pylist(annotated, schema=scores_schema()), table_name="scores",
+                               run_id=self.run_id)
+        hit = cands.filter(pc.and_(pc.equal(cands["position"], choice.position), pc.equal(cands["layer"], choice.layer)))
+        vector = np.asarray(hit["vector"][0].as_py(), dtype=np.float64)
+        self._write_direction(choice, vector, annotated, n_layers)
+
+    def _write_direction(self, choice, vector: np.ndarray, annotated: list[dict], n_layers: int) -> None:
+        from safetensors.numpy import save
+
+        norm = float(np.linalg.norm(vector))
+        blob = save({"direction": vector.astype(np.float32), "direction_unit": (vector / norm).astype(np.float32)},
+                    metadata={"position": str(choice.position), "layer": str(choice.layer), "run_id": self.run_id})
+        self.store.write_bytes(layout.direction_tensors(self.run_id, self.key), blob)
+        row = {"run_id": self.run_id, "model": self.key, "position": choice.position, "layer": choice.layer,
+               "bypass_score": choice.bypass_score, "induce_score": choice.induce_score, "kl_score": choice.kl_score,
+               "norm": norm, "fallback": choice.fallback, "vector": vector.tolist()}
+        self.store.write_table(layout.directions_table(self.run_id, self.key),
+                               pa.Table.from_pylist([row], schema=directions_schema()), table_name="directions",
+                               run_id=self.run_id)
+        meta = {**row, "n_layers": n_layers, "thresholds": choice.thresholds,
+                "candidates": [{k: r[k] for k in ("position", "layer", "bypass_score", "induce_score", "kl_score",
+                                                  "drop_reason")} for r in annotated]}
+        self.store.write_json(layout.direction_json(self.run_id, self.key), meta)
+
+    def evaluate(self) -> None:
+        if self.stage_done("evaluate"):
+            return
+        jobs = plan.eval_jobs(self.spec, self.model, self.draw)
+        planned, done = self._run("evaluate", "evaluate", jobs, plan.eval_marker)
+        if done == planned:
+            self._summarise(jobs)
+        self.mark("evaluate", planned, done)
+
+    def _summarise(self, jobs: list) -> None:
+        """Completions -> evals rows (rates per judge) + damage metrics, one file per (dataset, intervention)."""
+        groups: dict[tuple[str, str], list] = {}
+        for j in jobs:
+            groups.setdefault((j.dataset, j.intervention), []).append(
+                self.store.read_table(layout.completion_shard(self.run_id, self.key, j.dataset, j.intervention, j.index)))
+        damage = self._damage(groups)
+        metric_of = {name: ("safety_rate" if name.startswith("llamaguard") else "refusal_rate")
+                     for name in self.spec.evaluation.judges}
+        for (dataset, intervention), tables in groups.items():
+            t = pa.concat_tables(tables)
+            rows = []
+            for judge in sorted(set(t["judge"].to_pylist())):
+                flags = t.filter(pc.equal(t["judge"], judge))["refused"].to_pylist()
+                metric = metric_of.get(judge, "refusal_rate")
+                rows.append((dataset, intervention, judge, metric, float(np.mean(flags)), len(flags)))
+            for metric, value, n in damage.get(intervention, []) if dataset == "harmless_test" else []:
+                rows.append((dataset, intervention, "", metric, value, n))
+            cols = list(zip(*rows))
+            table = pa.Table.from_pydict({"run_id": [self.run_id] * len(rows), "model": [self.key] * len(rows),
+                                          "dataset": list(cols[0]), "intervention": list(cols[1]),
+                                          "judge": list(cols[2]), "metric": list(cols[3]), "value": list(cols[4]),
+                                          "n": list(cols[5])}, schema=evals_schema())
+            self.store.write_table(layout.evals_table(self.run_id, self.key, dataset, intervention), table,
+                                   table_name="evals", run_id=self.run_id)
+
+    def _damage(self, groups: dict) -> dict[str, list[tuple[str, float, int]]]:
+        """CE/KL damage on harmless data for baseline / ablation / actadd(-r), one actor call each."""
+        import ray
+
+        from refdir.workers.prompts import load_source
+
+        base = pa.concat_tables(groups[("harmless_test", "baseline")])
+        base = base.filter(pc.equal(base["judge"], base["judge"][0]))
+        prompts, responses = base["prompt"].to_pylist(), base["response"].to_pylist()
+        texts = [r["instruction"] for r in load_source(self.spec.evaluation.ce_texts)][: len(prompts) or 32]
+        actor = self.actors()[0]
+        out = {}
+        for name in plan.DAMAGE_INTERVENTIONS:
+            m = ray.get(actor.damage.remote(self.run_id, self.key, name, texts, prompts, responses,
+                                            self.spec.generation.batch_size))
+            out[name] = [(k, float(v), len(prompts) if k != "ce_harmless_text" else len(texts)) for k, v in m.items()]
+        return out
+
+
+def write_run_json(store: Store, spec: RunSpec, versions: dict) -> None:
+    """Write runs/{id}/run.json first; refuse a stored run whose identity differs."""
+    rel = layout.run_json(spec.run_id)
+    if store.exists(rel):
+        stored = store.read_json(rel)
+        if stored.get("identity") != spec.identity():
+            raise StageError(f"run {spec.run_id} in {store.uri} was stored with a different spec; rename the run "
+                             "(`name` in the spec) or delete runs/{spec.run_id} to start over")
+        return
+    doc = {"run_id": spec.run_id, "spec_hash": spec.spec_hash, "identity": spec.identity(),
+           "spec": json.loads(spec.model_dump_json(exclude={"store": {"secret", "key"}})),
+           "versions": versions, "created_at": _now()}
+    store.write_json(rel, doc)
