@@ -24,8 +24,8 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Refusal directions at pipeline scale (Arditi et al., 2024).")
-out = Console()
-err = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 STORE_HELP = "Store root: local folder, file:// or s3://bucket/prefix (default: $REFDIR_STORE or ./refdir-store)."
 
 

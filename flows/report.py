@@ -12,17 +12,33 @@ from refdir.flows.summary import rates
 from refdir.schemas import layout
 
 
+DAMAGE = ("ce_harmless_text", "ce_own_completions", "kl_first_token")
+INTERVENTIONS = ("baseline", "ablation", "actadd", "orthogonalized", "random_ablation", "random_actadd")
+
+
 def summary_table_rows(summary: dict) -> list[dict]:
-    """One row per model: direction and refusal rates per (dataset, intervention)."""
+    """One row per (model, intervention): refusal on harmful and harmless test, CE/KL damage.
+
+    actadd subtracts r on harmful prompts and in the damage metrics (bypass) and adds r on harmless
+    prompts (induce), as in the paper.
+    """
     rows = []
     for key, s in summary["models"].items():
         d = s.get("direction") or {}
-        row = {"model": key, "status": s.get("status", "?"),
-               "direction": f"pos {d['position']} layer {d['layer']}" if d else "-"}
-        for name, metrics in sorted(s.get("rates", {}).items()):
-            if "refusal_rate" in metrics:
-                row[name] = metrics["refusal_rate"]
-        rows.append(row)
+        rates = s.get("rates", {})
+        for name in INTERVENTIONS:
+            harmful, harmless = rates.get(f"harmful_test/{name}", {}), rates.get(f"harmless_test/{name}", {})
+            damage = rates.get(f"damage/{name}", {})
+            if not (harmful or harmless or damage):
+                continue
+            rows.append({"model": key, "direction": f"pos {d['position']} layer {d['layer']}" if d else "-",
+                         "intervention": name, "harmful refusal": harmful.get("refusal_rate", "-"),
+                         "harmless refusal": harmless.get("refusal_rate", "-"),
+                         "CE text": damage.get("ce_harmless_text", "-"),
+                         "CE own": damage.get("ce_own_completions", "-"), "KL": damage.get("kl_first_token", "-")})
+        if not rows or rows[-1]["model"] != key:
+            rows.append({"model": key, "direction": "-", "intervention": s.get("status", "?"), "harmful refusal": "-",
+                         "harmless refusal": "-", "CE text": "-", "CE own": "-", "KL": "-"})
     return rows
 
 

@@ -219,15 +219,18 @@ class ModelRun:
                 flags = t.filter(pc.equal(t["judge"], judge))["refused"].to_pylist()
                 metric = metric_of.get(judge, "refusal_rate")
                 rows.append((dataset, intervention, judge, metric, float(np.mean(flags)), len(flags)))
-            for metric, value, n in damage.get(intervention, []) if dataset == "harmless_test" else []:
-                rows.append((dataset, intervention, "", metric, value, n))
-            cols = list(zip(*rows))
-            table = pa.Table.from_pydict({"run_id": [self.run_id] * len(rows), "model": [self.key] * len(rows),
-                                          "dataset": list(cols[0]), "intervention": list(cols[1]),
-                                          "judge": list(cols[2]), "metric": list(cols[3]), "value": list(cols[4]),
-                                          "n": list(cols[5])}, schema=evals_schema())
-            self.store.write_table(layout.evals_table(self.run_id, self.key, dataset, intervention), table,
-                                   table_name="evals", run_id=self.run_id)
+            self._write_evals(dataset, intervention, rows)
+        for intervention, metrics in damage.items():
+            self._write_evals("damage", intervention, [("damage", intervention, "", m, v, n) for m, v, n in metrics])
+
+    def _write_evals(self, name: str, intervention: str, rows: list[tuple]) -> None:
+        cols = list(zip(*rows))
+        table = pa.Table.from_pydict({"run_id": [self.run_id] * len(rows), "model": [self.key] * len(rows),
+                                      "dataset": list(cols[0]), "intervention": list(cols[1]), "judge": list(cols[2]),
+                                      "metric": list(cols[3]), "value": list(cols[4]), "n": list(cols[5])},
+                                     schema=evals_schema())
+        self.store.write_table(layout.evals_table(self.run_id, self.key, name, intervention), table,
+                               table_name="evals", run_id=self.run_id)
 
     def _damage(self, groups: dict) -> dict[str, list[tuple[str, float, int]]]:
         """CE/KL damage on harmless data for baseline / ablation / actadd(-r), one actor call each."""

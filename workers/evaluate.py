@@ -26,10 +26,43 @@ from refdir.workers.directions import kl_div_last
 from refdir.workers.hooks import ablate, actadd
 from refdir.workers.judges import get_judge
 from refdir.workers.model import LoadedModel
-from refdir.workers.orthogonalize import orthogonalized
+from refdir.workers.hooks import module_at
+from refdir.workers.orthogonalize import orthogonalize_, untie_embeddings_
 from refdir.workers.store import Store
 
 logger = logging.getLogger(__name__)
+
+
+def _writer_params(lm: LoadedModel) -> list[torch.nn.Parameter]:
+    """Every parameter orthogonalize_ edits: embeddings, attention-out and MLP-down weights and biases."""
+    fam, mods = lm.family, [module_at(lm.model, lm.family.embed)]
+    for path in fam.extra_embeds:
+        try:
+            mods.append(module_at(lm.model, path))
+        except Exception:  # noqa: BLE001 - optional embeddings absent in this model (orthogonalize_ skips them too)
+            continue
+    for block in lm.blocks():
+        mods += [module_at(block, fam.attn_out_proj), module_at(block, fam.mlp_out_proj)]
+    return [p for m in mods for p in (m.weight, getattr(m, "bias", None)) if p is not None]
+
+
+@contextlib.contextmanager
+def orthogonalized(lm: LoadedModel, direction: torch.Tensor):
+    """The model with its weights orthogonalised for the block; original weights restored bitwise after.
+
+    Snapshots only the edited parameters (on CPU), so an actor can serve every intervention with one
+    copy of the model on its device. Tied embeddings stay untied afterwards (same values).
+    """
+    untie_embeddings_(lm)
+    params = _writer_params(lm)
+    saved = [p.detach().to("cpu", copy=True) for p in params]
+    try:
+        orthogonalize_(lm, direction)
+        yield lm
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s.to(p.device))
 
 
 @dataclass(frozen=True)

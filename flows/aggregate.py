@@ -1,0 +1,209 @@
+"""Aggregation: done activation shards -> per (label, position, layer) means -> diff-in-means candidates.
+
+The shipped path (`aggregate_means`) reads the small per-shard float64 sums + counts that extraction
+writes next to every activation shard (`sums` table), only for shards whose activation marker exists,
+streams them out of DuckDB as Arrow batches and adds them into one float64 accumulator per key, so
+memory is O(keys x d) whatever the number of prompts or shards. `means_from_activations` is the slower
+reference straight from the activation shards (same streaming accumulator); tests and the benchmark
+cross-check the two.
+
+    stats = aggregate_means(store, run_id, "org-1", split="train")   # writes means.parquet, candidates.parquet
+    ref = means_from_activations(store, run_id, "org-1")              # {(label, pos, layer): (mean, n)}
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from refdir.schemas import layout
+from refdir.schemas.tables import candidates_schema, means_schema
+from refdir.workers.store import Store
+
+logger = logging.getLogger(__name__)
+
+BATCH_ROWS = 8192  # Arrow batch size streamed out of DuckDB; bounds memory per step
+
+Key = tuple[str, int, int]  # (label, position, layer)
+
+
+class AggregateError(RuntimeError):
+    """Aggregation cannot produce means: no marked shards, a label missing, inconsistent counts."""
+
+
+# ---------------------------------------------------------------- streaming accumulator
+
+class _Accumulator:
+    """float64 sums and counts per (label, position, layer); grows with keys, not rows."""
+
+    def __init__(self) -> None:
+        self.index: dict[Key, int] = {}
+        self.sums = np.zeros((0, 0), np.float64)   # (keys, d)
+        self.counts = np.zeros(0, np.int64)          # (keys,)
+
+    def _ids(self, labels: list[str], positions: np.ndarray, layers: np.ndarray) -> np.ndarray:
+        ids = np.empty(len(labels), np.int64)
+        for i, key in enumerate(zip(labels, positions.tolist(), layers.tolist())):
+            j = self.index.get(key)
+            if j is None:
+                j = self.index[key] = len(self.index)
+            ids[i] = j
+        return ids
+
+    def _grow(self, d: int) -> None:
+        k = len(self.index)
+        if self.sums.shape[0] and self.sums.shape[1] != d:
+            raise AggregateError(f"vectors of width {d} mixed with width {self.sums.shape[1]} in one model's shards")
+        if k > self.sums.shape[0]:
+            extra = max(k - self.sums.shape[0], 64)
+            self.sums = np.vstack([self.sums.reshape(-1, d), np.zeros((extra, d), np.float64)])
+            self.counts = np.concatenate([self.counts, np.zeros(extra, np.int64)])
+
+    def add(self, labels: list[str], positions: np.ndarray, layers: np.ndarray, vecs: np.ndarray,
+            weights: np.ndarray) -> None:
+        """vecs: (rows, d) float16/32/64 (a sum or one activation per row); weights: (rows,) counts."""
+        ids = self._ids(labels, positions, layers)
+        self._grow(vecs.shape[1])
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+        uniq = sorted_ids[starts]
+        block = vecs if np.array_equal(order, np.arange(len(ids))) else vecs[order]
+        self.sums[uniq] += np.add.reduceat(block, starts, axis=0, dtype=np.float64)   # (uniq, d)
+        np.add.at(self.counts, ids, weights)
+
+    def means(self) -> dict[Key, tuple[np.ndarray, int]]:
+        return {k: (self.sums[j] / self.counts[j], int(self.counts[j])) for k, j in self.index.items()}
+
+
+def _vectors(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A list/fixed-size-list column -> (rows, d) numpy array without a Python loop."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n = len(arr)
+    if n == 0:
+        return np.zeros((0, 0), np.float64)
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    if flat.size % n:
+        raise AggregateError("vectors of different widths in one batch; shards of different models were mixed")
+    return flat.reshape(n, flat.size // n)
+
+
+def _stream(store: Store, files: list[str], query_cols: str, split: str, acc: _Accumulator, vec: str,
+            weight: str | None) -> None:
+    """DuckDB scan over `files` -> Arrow batches -> accumulator (memory bounded by BATCH_ROWS)."""
+    con = store.duckdb_connect()
+    try:
+        rel = con.sql(f"SELECT {query_cols} FROM read_parquet($files, hive_partitioning=false) WHERE split = $split",
+                      params={"files": [store.path_for_duckdb(f) for f in files], "split": split})
+        reader = rel.to_arrow_reader(BATCH_ROWS)
+        for batch in reader:
+            if batch.num_rows == 0:
+                continue
+            w = batch.column(weight).to_numpy() if weight else np.ones(batch.num_rows, np.int64)
+            acc.add(batch.column("label").to_pylist(), batch.column("position").to_numpy(),
+                    batch.column("layer").to_numpy(), _vectors(batch.column(vec)), w)
+    finally:
+        con.close()
+
+
+# ---------------------------------------------------------------- which shards count
+
+def _markers(store: Store, run_id: str, model: str, split: str) -> dict[str, dict]:
+    """Markers (stem -> content) of the done activation shards of one split."""
+    done = store.done_jobs(layout.activation_markers_dir(run_id, model))
+    out = {s: m for s, m in done.items() if m.get("split", s.split("-", 1)[0]) == split}
+    if not out:
+        raise AggregateError(
+            f"no {split} activation shards marked done for model {model!r} in run {run_id!r} under "
+            f"{store.url(layout.activation_markers_dir(run_id, model))}; run the extract stage first")
+    return out
+
+
+def _sums_files(store: Store, run_id: str, model: str, markers: dict[str, dict]) -> list[str]:
+    files = []
+    for stem, m in sorted(markers.items()):
+        rel = m.get("sums") or f"{layout.model_dir(run_id, model)}/sums/part-{stem}.parquet"
+        files.append(rel)
+    missing = [f for f in files if not store.exists(f)]
+    if missing:
+        raise AggregateError(
+            f"{len(missing)} marked shard(s) have no sums file (e.g. {store.url(missing[0])}); rerun their extraction "
+            "jobs (delete their markers) or compute means with means_from_activations")
+    return files
+
+
+# ---------------------------------------------------------------- public entry points
+
+def means_from_activations(store: Store, run_id: str, model: str, split: str = "train") -> dict[Key, tuple[np.ndarray, int]]:
+    """Reference means straight from the done activation shards: {(label, pos, layer): (mean float64, n)}."""
+    files = [m["data"] for _, m in sorted(_markers(store, run_id, model, split).items())]
+    acc = _Accumulator()
+    _stream(store, files, "label, position, layer, vector", split, acc, "vector", None)
+    return acc.means()
+
+
+def sums_means(store: Store, run_id: str, model: str, split: str = "train") -> dict[Key, tuple[np.ndarray, int]]:
+    """Means from the per-shard float64 sums of the done shards (the fast path)."""
+    files = _sums_files(store, run_id, model, _markers(store, run_id, model, split))
+    acc = _Accumulator()
+    _stream(store, files, 'label, position, layer, "sum", n', split, acc, "sum", "n")
+    return acc.means()
+
+
+def _label_count(means: dict[Key, tuple[np.ndarray, int]], label: str, where: str) -> int:
+    ns = {n for (lab, _, _), (_, n) in means.items() if lab == label}
+    if not ns:
+        raise AggregateError(f"no {label} prompts in the marked shards of {where}; every {label} prompt was filtered "
+                             "out or its extraction jobs have not run; check the prompts table and rerun extraction")
+    if len(ns) > 1:
+        raise AggregateError(f"{where}: {label} counts differ between (position, layer) keys {sorted(ns)[:5]}; "
+                             "a shard is incomplete — verify markers (done_jobs(verify=True)) and rerun those jobs")
+    return ns.pop()
+
+
+def _means_table(run_id: str, model: str, split: str, means: dict[Key, tuple[np.ndarray, int]]) -> pa.Table:
+    keys = sorted(means)
+    d = len(means[keys[0]][0])
+    vecs = np.stack([means[k][0] for k in keys])          # (keys, d)
+    return pa.table({
+        "run_id": [run_id] * len(keys), "model": [model] * len(keys), "split": [split] * len(keys),
+        "label": [k[0] for k in keys], "position": [k[1] for k in keys], "layer": [k[2] for k in keys],
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), d),
+        "n": [means[k][1] for k in keys],
+    }, schema=means_schema(d))
+
+
+def _candidates_table(run_id: str, model: str, means: dict[Key, tuple[np.ndarray, int]], prune_norm: float,
+                      where: str) -> pa.Table:
+    pos_layer = sorted({(p, l) for (_, p, l) in means})
+    missing = [pl for pl in pos_layer if ("harmful", *pl) not in means or ("harmless", *pl) not in means]
+    if missing:
+        raise AggregateError(f"{where}: (position, layer) keys {missing[:5]} exist for one label only; "
+                             "shards of the two labels disagree — rerun extraction")
+    diff = np.stack([means[("harmful", *pl)][0] - means[("harmless", *pl)][0] for pl in pos_layer])  # (pl, d)
+    norms = np.linalg.norm(diff, axis=1)
+    d = diff.shape[1]
+    return pa.table({
+        "run_id": [run_id] * len(pos_layer), "model": [model] * len(pos_layer),
+        "position": [p for p, _ in pos_layer], "layer": [l for _, l in pos_layer],
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(diff.ravel()), d),
+        "norm": norms, "skipped": norms < prune_norm,
+    }, schema=candidates_schema(d))
+
+
+def aggregate_means(store: Store, run_id: str, model: str, split: str = "train", prune_norm: float = 1e-6) -> dict:
+    """Sums of the done shards -> means.parquet + candidates.parquet; returns counts for the receipt."""
+    where = f"run {run_id!r} model {model!r} split {split!r}"
+    means = sums_means(store, run_id, model, split)
+    stats = {"n_harmful": _label_count(means, "harmful", where), "n_harmless": _label_count(means, "harmless", where)}
+    cand = _candidates_table(run_id, model, means, prune_norm, where)
+    store.write_table(layout.means_table(run_id, model), _means_table(run_id, model, split, means),
+                      table_name="means", run_id=run_id)
+    store.write_table(layout.candidates_table(run_id, model), cand, table_name="candidates", run_id=run_id)
+    skipped = int(np.sum(cand.column("skipped").to_numpy(zero_copy_only=False)))
+    stats.update(n_candidates=cand.num_rows, n_skipped=skipped)
+    logger.info("aggregated %s: %d harmful, %d harmless prompts, %d candidates (%d skipped)", where,
+                stats["n_harmful"], stats["n_harmless"], cand.num_rows, skipped)
+    return stats
