@@ -206,7 +206,9 @@ def schedule(spec_path: Path = typer.Argument(...), cron: str = typer.Option(...
     from refdir.schemas.spec import load_spec
 
     spec = with_overrides(load_spec(spec_path), store)
-    preflight(spec)
+    _, bad = preflight(spec)
+    if bad:
+        raise typer.BadParameter("fix the model(s) that cannot load before scheduling: " + ", ".join(bad))
     schedule_spec(spec, cron, name=name, serve=not register_only)
 
 

@@ -73,17 +73,21 @@ def model_flow(spec: RunSpec, key: str) -> dict:
 
 
 @flow(name="refdir-run")
-def run_flow(spec: RunSpec | dict) -> dict:
+def run_flow(spec: RunSpec | dict, skip: dict[str, str] | None = None) -> dict:
     """A whole run: every model of the spec; returns {model: summary} with failures reported, not raised.
 
     `spec` is a RunSpec (the CLI) or its JSON dict (a scheduled deployment, whose store credentials come
-    from the environment: secrets are never written into deployment parameters).
+    from the environment: secrets are never written into deployment parameters). `skip` names models
+    that failed preflight, with the reason; they are reported as failed without starting a worker.
     """
     run_spec = spec if isinstance(spec, RunSpec) else parse_spec(spec)
     store = Store.open(run_spec.store)
     write_run_json(store, run_spec, versions())
     results = {}
     for m in run_spec.models:
+        if skip and m.key in skip:
+            results[m.key] = {"model": m.key, "status": "failed", "error": skip[m.key]}
+            continue
         state = model_flow(spec=run_spec, key=m.key, return_state=True)
         if state.is_completed():
             results[m.key] = state.result()

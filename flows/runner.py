@@ -19,6 +19,9 @@ from refdir.flows.summary import model_summary, run_complete
 from refdir.schemas import layout
 from refdir.schemas.spec import RunSpec, SpecError, parse_spec
 from refdir.workers.judges import check_judge_name
+from refdir.workers.chat import ChatTemplateError
+from refdir.workers.families import FamilyError
+from refdir.workers.model import ModelLoadError
 from refdir.workers.model import preflight as model_preflight
 from refdir.workers.prompts import draw_prompts
 from refdir.workers.store import Store
@@ -42,25 +45,38 @@ def with_overrides(spec: RunSpec, store: str | None = None, ray_address: str | N
     return parse_spec(data)
 
 
-def preflight(spec: RunSpec) -> Store:
-    """Everything that can be checked without loading a model; returns the opened, writable store."""
+def preflight(spec: RunSpec) -> tuple[Store, dict[str, str]]:
+    """Everything that can be checked without loading a model.
+
+    Returns the opened, writable store and {model key: error} for models that cannot load (bad path,
+    no config.json, unknown architecture, missing GGUF file): those are reported in the run summary
+    while the other models run. Anything else wrong, or every model failing, raises before any
+    worker starts.
+    """
     for name in spec.evaluation.judges:
         check_judge_name(name)
     draw_prompts(spec.prompts)
+    bad: dict[str, str] = {}
     for m in spec.models:
-        model_preflight(m)
+        try:
+            model_preflight(m)
+        except (ModelLoadError, FamilyError, ChatTemplateError) as e:
+            bad[m.key] = str(e)
+            logger.error("model %s will not run: %s", m.key, e)
+    if len(bad) == len(spec.models):
+        raise SpecError("no model of the spec can be loaded:\n" + "\n".join(f"  {k}: {v}" for k, v in bad.items()))
     store = Store.open(spec.store)
     store.check_writable()
     address = resolve_address(spec.compute)
     if address:
         check_address(address)
-    return store
+    return store, bad
 
 
 def execute(spec: RunSpec, reporter=None) -> dict:
     """Run (or resume) a spec to completion; failures of single models are in the summary."""
-    store = preflight(spec)
-    if run_complete(store, spec):
+    store, bad = preflight(spec)
+    if not bad and run_complete(store, spec):
         logger.info("run %s is complete in %s; nothing to do", spec.run_id, store.uri)
         return {"run_id": spec.run_id, "store": store.uri,
                 "models": {m.key: model_summary(store, spec, m.key) for m in spec.models}}
@@ -69,7 +85,7 @@ def execute(spec: RunSpec, reporter=None) -> dict:
     ensure_prefect_env()
     set_progress(reporter)
     try:
-        return run_flow(spec)
+        return run_flow(spec, skip=bad)
     finally:
         set_progress(None)
 

@@ -19,6 +19,7 @@ import logging
 import math
 import re
 import sys
+from decimal import Decimal
 from typing import Any, Callable
 
 import duckdb
@@ -144,6 +145,8 @@ def format_table(table: pa.Table, more: bool = False) -> str:
 def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
+    if isinstance(v, Decimal):   # DuckDB's sum() of integers is a HUGEINT -> decimal128
+        return int(v) if v == v.to_integral_value() else float(v)
     if isinstance(v, list):
         return [_jsonable(x) for x in v]
     if isinstance(v, dict):

@@ -4,6 +4,7 @@ Fixture plugins (each owns one kind of real dependency):
 - tests.fixtures.tiny      tiny random models + tokenizers for every registry family
 - tests.fixtures.organism  the refusal model organism, trained once per session
 - tests.fixtures.s3        a moto S3 server on loopback (or REFDIR_TEST_S3_ENDPOINT)
+- tests.fixtures.services  the Prefect test API and a local Ray cluster
 """
 
 import os
@@ -18,4 +19,5 @@ pytest_plugins = [
     "tests.fixtures.tiny",
     "tests.fixtures.organism",
     "tests.fixtures.s3",
+    "tests.fixtures.services",
 ]
