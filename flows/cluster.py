@@ -64,10 +64,16 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def actor_resources(compute: ComputeSpec) -> tuple[int, float, float]:
-    """(number of actors, GPUs each, CPUs each) for one model on the connected cluster."""
+def actor_resources(compute: ComputeSpec, model_key: str | None = None) -> tuple[int, float, float]:
+    """(number of actors, GPUs each, CPUs each) for one model on the connected cluster.
+
+    An actor with several GPUs shards its model over them (device_map="auto" in workers/model.py).
+    """
     gpus = cluster_gpus()
-    if gpus > 0 and compute.gpus_per_worker > 0:
-        n = compute.num_workers or max(1, int(gpus // compute.gpus_per_worker))
-        return n, compute.gpus_per_worker, compute.cpus_per_worker
+    per = compute.gpus_per_model.get(model_key, compute.gpus_per_worker) if model_key else compute.gpus_per_worker
+    if gpus > 0 and per > 0:
+        if per > gpus:
+            raise RayUnavailable(f"model {model_key!r} needs {per:g} GPUs per actor but the cluster has {gpus:g}")
+        n = compute.num_workers or max(1, int(gpus // per))
+        return n, per, compute.cpus_per_worker
     return compute.num_workers or 1, 0.0, compute.cpus_per_worker

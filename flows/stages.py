@@ -72,7 +72,7 @@ class ModelRun:
             from refdir.workers.actors import remote_worker
 
             ensure_ray(self.spec.compute)
-            n, gpus, cpus = actor_resources(self.spec.compute)
+            n, gpus, cpus = actor_resources(self.spec.compute, self.key)
             worker = remote_worker(num_gpus=gpus, num_cpus=cpus, max_restarts=self.spec.compute.max_retries)
             threads = max(1, int(cpus)) if gpus == 0 else None
             self._actors = [worker.remote(self.model, self.spec.store, None, threads) for _ in range(n)]
@@ -219,6 +219,9 @@ class ModelRun:
                 flags = t.filter(pc.equal(t["judge"], judge))["refused"].to_pylist()
                 metric = metric_of.get(judge, "refusal_rate")
                 rows.append((dataset, intervention, judge, metric, float(np.mean(flags)), len(flags)))
+            first = t.filter(pc.equal(t["judge"], t["judge"][0]))
+            rows.append((dataset, intervention, "", "mean_refusal_score", float(pc.mean(first["refusal_score"]).as_py()),
+                         first.num_rows))
             self._write_evals(dataset, intervention, rows)
         for intervention, metrics in damage.items():
             self._write_evals("damage", intervention, [("damage", intervention, "", m, v, n) for m, v, n in metrics])

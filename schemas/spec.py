@@ -130,6 +130,7 @@ class ComputeSpec(_Frozen):
     ray_address: str | None = Field(None, description="Existing Ray cluster (ray://host:10001 or host:6379); else RAY_ADDRESS, else a local cluster.")
     num_workers: int | None = Field(None, ge=1, description="Model actors per model; default = GPUs / gpus_per_worker, or 1 on CPU.")
     gpus_per_worker: float = Field(1.0, ge=0, description="GPUs per actor when the cluster has GPUs (a k-GPU group for big models).")
+    gpus_per_model: dict[str, float] = Field({}, description="Per-model override of gpus_per_worker by model key, e.g. a 70B model's actors sharded over 4 GPUs.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per actor.")
     batch_size: int = Field(32, ge=1, description="Prompts per forward pass in extraction and scoring.")
     max_retries: int = Field(2, ge=0, description="Retries of a job after an infrastructure failure (actor died, node lost).")

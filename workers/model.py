@@ -1,0 +1,222 @@
+"""Loading a model for refdir: preflight checks, weights, tokenizer, family and positions in one object.
+
+`preflight(spec)` fails fast, before any weights load, with one clear `ModelLoadError` or
+`FamilyError`. `load_model(spec)` returns a `LoadedModel`: the HF model in eval mode, its tokenizer
+(left padding, a pad token), the resolved `Family`, layer count and width, the post-instruction
+token ids and the refusal token ids.
+
+    lm = load_model(ModelSpec(path="HuggingFaceTB/SmolLM2-135M-Instruct"))
+    batch = lm.encode(["How do I bake bread?"])            # left padded, on lm.device
+    lm.model(**batch).logits[:, -1, :]
+
+`from_model(model, tokenizer)` wraps objects already in memory (tests, the organism trainer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from transformers import BatchEncoding
+
+from refdir.schemas.spec import ModelSpec
+from refdir.workers import chat
+from refdir.workers.families import Family, FamilyError, architecture_error, candidates, get_family, resolve_family
+from refdir.workers.hooks import module_at
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded; the message says what, where and how to fix it."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for hooks: HF model + tokenizer + family + the positions the method uses."""
+
+    spec: ModelSpec
+    model: nn.Module
+    tokenizer: object
+    family: Family
+    n_layers: int
+    d_model: int
+    eoi_ids: list[int]
+    eoi_tokens: list[str]
+    refusal_token_ids: list[int]
+    missing_refusal_tokens: list[str]
+    device: torch.device
+    dtype: torch.dtype
+
+    def blocks(self) -> list[nn.Module]:
+        """The decoder blocks, in order (HookError when the family's path does not fit the model)."""
+        return list(module_at(self.model, self.family.blocks))
+
+    def encode(self, instructions: list[str]) -> BatchEncoding:
+        """Chat-formatted, left-padded input_ids + attention_mask (batch, seq) on self.device."""
+        return chat.encode(self.tokenizer, self.family, instructions, device=self.device, eoi_ids=self.eoi_ids)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The given device, or "cuda" when available, else "cpu"."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available here; use device='cpu' or leave it unset")
+    return dev
+
+
+def _dtype_for(spec: ModelSpec, device: torch.device) -> torch.dtype:
+    if spec.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[spec.dtype]
+
+
+# --- preflight -----------------------------------------------------------------------------------
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()
+
+
+def _check_family(spec: ModelSpec, config, where: str) -> None:
+    if spec.family:
+        get_family(spec.family)  # FamilyError with close matches when unknown
+        return
+    if not candidates(config):
+        model_type = getattr(config, "model_type", None)
+        archs = list(getattr(config, "architectures", None) or [])
+        err = architecture_error(model_type, archs)
+        raise FamilyError(f"model {spec.key} ({where}): {err}") from None
+
+
+def _preflight_folder(spec: ModelSpec, folder: Path) -> object | None:
+    if spec.gguf_file:
+        gguf = folder / spec.gguf_file
+        if not gguf.is_file():
+            present = sorted(p.name for p in folder.glob("*.gguf"))
+            raise ModelLoadError(f"model {spec.key}: GGUF file {str(gguf)!r} does not exist (GGUF files in that "
+                                 f"folder: {present or 'none'}); fix `gguf_file` or `path` in the spec")
+        return None  # the config is read from the GGUF header at load time
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+        hint = f"; it holds GGUF files {ggufs}: set `gguf_file`" if ggufs else \
+            "; point `path` at a folder written by save_pretrained (config.json + weights + tokenizer)"
+        raise ModelLoadError(f"model {spec.key}: folder {str(folder)!r} has no config.json{hint}")
+    try:
+        raw = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"model {spec.key}: {cfg} is not valid JSON ({e})") from None
+    return SimpleNamespace(model_type=raw.get("model_type"), architectures=raw.get("architectures") or [])
+
+
+def _preflight_hub(spec: ModelSpec):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"model {spec.key}: {spec.path!r} is neither a local folder nor a hub model reachable from here "
+            f"(hub offline or not cached: {type(e).__name__}). Fix the path, download it first, or use a local folder"
+        ) from None
+
+
+def preflight(spec: ModelSpec) -> None:
+    """Cheap checks before any weights load: the path, config.json / GGUF file, and a known family."""
+    local = Path(spec.path).expanduser()
+    if _looks_local(spec.path):
+        if not local.exists():
+            raise ModelLoadError(f"model {spec.key}: path {spec.path!r} does not exist; fix `path` in the spec")
+        if not local.is_dir():
+            raise ModelLoadError(f"model {spec.key}: path {spec.path!r} is a file; set `path` to its folder "
+                                 f"(and `gguf_file` to the file name for GGUF)")
+        config = _preflight_folder(spec, local)
+        if config is not None:
+            _check_family(spec, config, str(local / "config.json"))
+        elif spec.family:
+            get_family(spec.family)
+        return
+    if spec.gguf_file:
+        if spec.family:
+            get_family(spec.family)
+        return  # a hub GGUF: checked when transformers fetches it
+    _check_family(spec, _preflight_hub(spec), spec.path)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def _refusal_ids(tokenizer, strings) -> tuple[list[int], list[str]]:
+    """First token id of each refusal string; strings that map to nothing or to UNK are missing."""
+    ids: list[int] = []
+    missing: list[str] = []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for s in strings:
+        enc = tokenizer.encode(s, add_special_tokens=False)
+        if not enc or (unk is not None and enc[0] == unk):
+            missing.append(s)
+        elif enc[0] not in ids:
+            ids.append(enc[0])
+    return ids, missing
+
+
+def from_model(model: nn.Module, tokenizer, *, spec: ModelSpec | None = None,
+               family: str | Family | None = None) -> LoadedModel:
+    """Wrap a model and tokenizer already in memory (the family is resolved unless given)."""
+    spec = spec or ModelSpec(path=str(getattr(model.config, "name_or_path", "") or "in-memory"),
+                             family=family.name if isinstance(family, Family) else family)
+    fam = family if isinstance(family, Family) else resolve_family(model.config, tokenizer, family or spec.family)
+    chat.ensure_padding(tokenizer)
+    eoi = chat.eoi_token_ids(tokenizer, fam)
+    ref_ids, missing = _refusal_ids(tokenizer, spec.refusal_tokens or fam.refusal_tokens)
+    if missing:
+        logger.warning("model %s: refusal tokens %s not in the tokenizer vocabulary", spec.key, missing)
+    blocks = module_at(model, fam.blocks)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ModelLoadError(f"model {spec.key}: {fam.blocks!r} is a {type(blocks).__name__}, not the list of decoder blocks")
+    param = next(model.parameters())
+    return LoadedModel(
+        spec=spec, model=model, tokenizer=tokenizer, family=fam, n_layers=len(blocks),
+        d_model=int(module_at(model, fam.embed).weight.shape[1]), eoi_ids=eoi,
+        eoi_tokens=tokenizer.convert_ids_to_tokens(eoi), refusal_token_ids=ref_ids,
+        missing_refusal_tokens=missing, device=param.device, dtype=param.dtype,
+    )
+
+
+def _placement(dev: torch.device) -> dict:
+    """Load straight onto the GPU; shard across every visible GPU when an actor was given several
+    (compute.gpus_per_worker > 1 for models larger than one GPU): accelerate's device_map="auto"."""
+    if dev.type != "cuda":
+        return {}
+    return {"device_map": "auto"} if torch.cuda.device_count() > 1 and dev.index is None else {"device_map": str(dev)}
+
+
+def load_model(spec: ModelSpec, device: str | None = None) -> LoadedModel:
+    """Preflight, then load tokenizer + weights (GGUF too), eval mode, on the device; see module doc."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    preflight(spec)
+    dev = resolve_device(device)
+    dtype = _dtype_for(spec, dev)
+    local = Path(spec.path).expanduser().is_dir()
+    kw = dict(revision=None if local else spec.revision, trust_remote_code=spec.trust_remote_code)
+    if spec.gguf_file:
+        kw["gguf_file"] = spec.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, **_placement(dev), **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"model {spec.key}: loading {spec.path!r} failed: {type(e).__name__}: {e}") from e
+    if not getattr(model, "hf_device_map", None) or len(set(model.hf_device_map.values())) <= 1:
+        model.to(dev)
+    model.eval()
+    logger.info("loaded %s (%s) on %s as %s", spec.key, type(model).__name__, dev, dtype)
+    return from_model(model, tokenizer, spec=spec)
