@@ -186,7 +186,7 @@ def test_paper_spec_has_paper_settings():
     assert spec.selection.max_layer_fraction == 0.8 and spec.selection.kl_threshold == 0.1
     assert spec.store.uri.startswith("s3://")
     big = {m.key for m in spec.models if "70b" in m.key or "72b" in m.key}
-    assert len(big) == 4 and all(spec.compute.gpus_per_model[k] >= 4 for k in big)
+    assert len(big) == 3 and all(spec.compute.gpus_per_model[k] >= 4 for k in big)
     assert set(spec.compute.gpus_per_model) <= {m.key for m in spec.models}
     paths = {m.path for m in spec.models}
     assert {"Qwen/Qwen-1_8B-Chat", "Qwen/Qwen-72B-Chat", "01-ai/Yi-34B-Chat", "google/gemma-7b-it",
