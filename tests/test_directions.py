@@ -1,0 +1,80 @@
+"""The method's math on synthetic tensors, against hand computations."""
+
+import math
+
+import pytest
+import torch
+
+from refdir.workers.directions import diff_in_means, kl_div_last, nonzero_mask, refusal_scores, unit
+
+
+def test_refusal_score_by_hand():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    logits = probs.log() + 3.0  # a shift does not change the softmax
+    scores = refusal_scores(logits.float(), [0, 1])
+    assert scores.dtype == torch.float64 and scores.shape == (2,)
+    assert scores[0].item() == pytest.approx(math.log(0.8 + 1e-8) - math.log(0.2 + 1e-8), abs=1e-6)
+    assert scores[1].item() == pytest.approx(math.log(0.2 + 1e-8) - math.log(0.8 + 1e-8), abs=1e-6)
+    assert refusal_scores(logits, [0])[0].item() == pytest.approx(0.0, abs=1e-6)  # P = 0.5
+
+
+def test_refusal_score_is_finite_at_the_extremes_and_rejects_bad_input():
+    logits = torch.tensor([[1000.0, 0.0], [0.0, 1000.0]])  # P = 1 and P = 0
+    s = refusal_scores(logits, [0])
+    assert s[0].item() == pytest.approx(math.log(1 + 1e-8) - math.log(1e-8))
+    assert s[1].item() == pytest.approx(math.log(1e-8) - math.log(1 + 1e-8))
+    with pytest.raises(ValueError, match="refusal_ids is empty"):
+        refusal_scores(logits, [])
+    with pytest.raises(ValueError, match=r"\(batch, vocab\)"):
+        refusal_scores(logits[None], [0])
+
+
+def test_kl_by_hand_and_against_torch():
+    p = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64).log()
+    q = torch.tensor([[0.25, 0.5, 0.25]], dtype=torch.float64).log()
+    expected = 0.5 * math.log(2) + 0.25 * math.log(0.5)
+    assert kl_div_last(p, q).item() == pytest.approx(expected, abs=1e-12)
+    a, b = torch.randn(4, 11), torch.randn(4, 11)
+    ref = torch.nn.functional.kl_div(b.double().log_softmax(-1), a.double().log_softmax(-1),
+                                     log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(kl_div_last(a, b), ref)
+    assert kl_div_last(a, a).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="one shape"):
+        kl_div_last(a, b[:, :5])
+
+
+def test_diff_in_means_from_uneven_shards_equals_the_plain_mean_difference():
+    gen = torch.Generator().manual_seed(0)
+    harmful = torch.randn(13, 2, 3, 5, generator=gen, dtype=torch.float64)  # (prompt, pos, layer, d)
+    harmless = torch.randn(7, 2, 3, 5, generator=gen, dtype=torch.float64) + 1.0
+    shards = [harmful[:2], harmful[2:11], harmful[11:]]  # uneven, as after filtering
+    h_sum, h_n = sum(s.sum(0) for s in shards), sum(len(s) for s in shards)
+    got = diff_in_means(h_sum, h_n, harmless.sum(0), len(harmless))
+    assert got.dtype == torch.float64 and got.shape == (2, 3, 5)
+    torch.testing.assert_close(got, harmful.mean(0) - harmless.mean(0))
+    # per-(pos, layer) counts broadcast over d
+    counts = torch.full((2, 3), 13)
+    torch.testing.assert_close(diff_in_means(h_sum, counts, harmless.sum(0), 7), got)
+
+
+def test_diff_in_means_rejects_empty_groups_and_shape_mismatch():
+    s = torch.ones(2, 4)
+    with pytest.raises(ValueError, match="harmless count must be positive"):
+        diff_in_means(s, 3, s, 0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        diff_in_means(s, 3, torch.ones(2, 5), 3)
+
+
+def test_unit_and_nonzero_mask():
+    v = torch.tensor([3.0, 4.0])
+    torch.testing.assert_close(unit(v), torch.tensor([0.6, 0.8]))
+    with pytest.raises(ValueError, match="zero vector"):
+        unit(torch.zeros(3))
+    cands = torch.randn(2, 3, 4, dtype=torch.float64)
+    cands[0, 0] = 0.0  # layer 0 at a template position: exactly zero
+    cands[1, 0] = 1e-9
+    cands[1, 2, 1] = float("nan")
+    mask = nonzero_mask(cands)
+    assert mask.shape == (2, 3) and mask.dtype == torch.bool
+    assert mask.tolist() == [[False, True, True], [False, True, False]]
+    assert nonzero_mask(cands, prune_norm=0.0)[1, 0]

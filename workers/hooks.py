@@ -1,0 +1,206 @@
+"""Forward hooks on the residual stream: capture, directional ablation and activation addition.
+
+Every hook lives inside a `with` block and is removed in `finally`, even when the body raises.
+Positions are negative offsets: position index i of n_pos means token position -n_pos + i.
+
+    with capture_resid_pre(lm, n_last=len(lm.eoi_ids)) as cap:
+        lm.model(**lm.encode(instructions))
+    acts = cap.activations()                       # (batch, n_layers, n_last, d) float32, CPU
+
+    with ablate(lm, direction):                    # x <- x - (x.r̂) r̂ at every residual write
+        out = lm.model.generate(**batch)
+    with actadd(lm, direction, layer=3, coeff=1.0):
+        logits = lm.model(**batch).logits
+
+Ablation acts on every block input, every attention output and every MLP output; for families that
+norm those outputs before the residual add (Gemma-2/3, OLMo-2) it acts on the post-norm outputs,
+i.e. on exactly what enters the residual stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from refdir.workers.model import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+class HookError(LookupError):
+    """A hook point that does not exist, or a hook that did not fire where it should have."""
+
+
+def module_at(root: nn.Module, path: str) -> nn.Module:
+    """The submodule at a dotted path ("model.layers", "self_attn.o_proj"); HookError if absent."""
+    mod = root
+    walked: list[str] = []
+    for part in path.split("."):
+        child = mod[int(part)] if part.isdigit() and isinstance(mod, nn.ModuleList) else getattr(mod, part, None)
+        if not isinstance(child, nn.Module):
+            children = [n for n, _ in mod.named_children()][:12]
+            where = ".".join(walked) or type(root).__name__
+            raise HookError(
+                f"hook point {path!r} not found in {type(root).__name__}: {where!r} has no submodule {part!r} "
+                f"(its children: {children}). The family's module paths do not fit this model: set `family` "
+                f"in the spec to one with this layout, or fix the paths in workers/families.py"
+            )
+        mod = child
+        walked.append(part)
+    return mod
+
+
+def _check_vector(lm: "LoadedModel", v: Tensor, what: str) -> Tensor:
+    if v.ndim != 1 or v.shape[0] != lm.d_model:
+        raise ValueError(f"{what} must have shape ({lm.d_model},) for this model, got {tuple(v.shape)}")
+    if not torch.isfinite(v).all():
+        raise ValueError(f"{what} contains NaN or inf")
+    return v.detach().to(torch.float64).cpu()
+
+
+def _unit(v: Tensor) -> Tensor:
+    norm = v.norm()
+    if norm == 0:
+        raise ValueError("direction has zero norm; it cannot be ablated")
+    return v / norm
+
+
+def _hidden_in(args: tuple, kwargs: dict) -> Tensor:
+    """The residual stream entering a block, whether passed positionally or as hidden_states=."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, h: Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (h,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+class _OnDevice:
+    """A float64 vector, cast to each (device, dtype) once."""
+
+    def __init__(self, v: Tensor):
+        self.v = v
+        self._cache: dict[tuple, Tensor] = {}
+
+    def to(self, like: Tensor) -> Tensor:
+        key = (like.device, like.dtype)
+        if key not in self._cache:
+            self._cache[key] = self.v.to(device=like.device, dtype=like.dtype)
+        return self._cache[key]
+
+
+def _project_out(x: Tensor, r_hat: _OnDevice) -> Tensor:
+    # x (..., d); r̂ (d,) unit; computed in float32 at least (float64 stays float64), cast back to x's dtype
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    r = r_hat.to(xf)
+    return (xf - (xf @ r).unsqueeze(-1) * r).to(x.dtype)
+
+
+def _map_output(output, fn: Callable[[Tensor], Tensor]):
+    """Apply fn to a module output that is a tensor or a tuple whose first item is the tensor."""
+    if isinstance(output, Tensor):
+        return fn(output)
+    if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+        return (fn(output[0]),) + tuple(output[1:])
+    raise HookError(f"cannot edit a module output of type {type(output).__name__} (expected a tensor or tuple)")
+
+
+@contextmanager
+def _hooks() -> Iterator[list]:
+    handles: list = []
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class ResidCapture:
+    """Collects resid_pre of every block, last n_last positions, for each forward pass."""
+
+    def __init__(self, n_layers: int, n_last: int):
+        self.n_layers, self.n_last = n_layers, n_last
+        self._per_layer: list[list[Tensor]] = [[] for _ in range(n_layers)]
+
+    def hook(self, layer: int):
+        def pre_hook(module, args, kwargs):
+            h = _hidden_in(args, kwargs)  # (batch, seq, d)
+            if h.shape[1] < self.n_last:
+                raise HookError(f"sequence of {h.shape[1]} tokens is shorter than the {self.n_last} positions captured")
+            self._per_layer[layer].append(h[:, -self.n_last:, :].detach().to("cpu", torch.float32))
+        return pre_hook
+
+    def activations(self) -> Tensor:
+        """(batch, n_layers, n_last, d) float32 on CPU; passes since the last clear() are concatenated on batch."""
+        counts = [len(x) for x in self._per_layer]
+        if not counts or min(counts) == 0 or len(set(counts)) != 1:
+            raise HookError(f"capture hooks fired unevenly or not at all (passes per layer: {counts}); "
+                            f"run one full forward pass inside the with-block")
+        passes = [torch.stack([layer[j] for layer in self._per_layer], dim=1) for j in range(counts[0])]
+        return torch.cat(passes, dim=0)
+
+    def clear(self) -> None:
+        self._per_layer = [[] for _ in range(self.n_layers)]
+
+
+@contextmanager
+def capture_resid_pre(lm: "LoadedModel", n_last: int):
+    """Yield a ResidCapture recording the residual stream at the input of every block."""
+    if n_last < 1:
+        raise ValueError(f"n_last must be >= 1, got {n_last}")
+    cap = ResidCapture(lm.n_layers, n_last)
+    with _hooks() as handles:
+        for i, block in enumerate(lm.blocks()):
+            handles.append(block.register_forward_pre_hook(cap.hook(i), with_kwargs=True))
+        yield cap
+
+
+def _ablation_points(lm: "LoadedModel") -> tuple[list[nn.Module], list[nn.Module]]:
+    """(blocks, residual-writing modules) of the model; HookError when a path is missing."""
+    fam = lm.family
+    blocks = lm.blocks()
+    writers = [module_at(b, p) for b in blocks for p in (fam.attn_write, fam.mlp_write)]
+    return blocks, writers
+
+
+@contextmanager
+def ablate(lm: "LoadedModel", direction: Tensor):
+    """Project r̂ out of every block input and every attention / MLP write, at all positions."""
+    r_hat = _OnDevice(_unit(_check_vector(lm, direction, "direction")))
+    blocks, writers = _ablation_points(lm)
+
+    def pre_hook(module, args, kwargs):
+        return _with_hidden(args, kwargs, _project_out(_hidden_in(args, kwargs), r_hat))
+
+    def out_hook(module, args, output):
+        return _map_output(output, lambda t: _project_out(t, r_hat))
+
+    with _hooks() as handles:
+        for b in blocks:
+            handles.append(b.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        for w in writers:
+            handles.append(w.register_forward_hook(out_hook))
+        yield
+
+
+@contextmanager
+def actadd(lm: "LoadedModel", vector: Tensor, layer: int, coeff: float = 1.0):
+    """Add coeff * vector to the residual stream at the input of block `layer`, all positions."""
+    if not 0 <= layer < lm.n_layers:
+        raise ValueError(f"layer {layer} is out of range for a model with {lm.n_layers} layers (0..{lm.n_layers - 1})")
+    v = _OnDevice(_check_vector(lm, vector, "vector") * float(coeff))
+    block = lm.blocks()[layer]
+
+    def pre_hook(module, args, kwargs):
+        h = _hidden_in(args, kwargs)
+        return _with_hidden(args, kwargs, h + v.to(h))
+
+    with _hooks() as handles:
+        handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        yield
