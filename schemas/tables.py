@@ -132,6 +132,7 @@ def completions_schema() -> pa.Schema:
         pa.field("category", pa.string()),
         pa.field("prompt", pa.string()),
         pa.field("response", pa.string()),
+        pa.field("refusal_score", pa.float64()),  # log-odds of the refusal tokens at the last prompt position
         pa.field("judge", pa.string()),
         pa.field("refused", pa.bool_()),
         pa.field("judge_detail", pa.string()),

@@ -22,12 +22,13 @@ import torch
 from refdir.schemas import layout
 from refdir.schemas.jobs import EvalJob, Receipt
 from refdir.schemas.tables import completions_schema
-from refdir.workers.directions import kl_div_last
+from refdir.workers.directions import kl_div_last, refusal_scores
 from refdir.workers.hooks import ablate, actadd
 from refdir.workers.judges import get_judge
 from refdir.workers.model import LoadedModel
 from refdir.workers.hooks import module_at
 from refdir.workers.orthogonalize import orthogonalize_, untie_embeddings_
+from refdir.workers.scoring import last_logits
 from refdir.workers.store import Store
 
 logger = logging.getLogger(__name__)
@@ -126,13 +127,15 @@ def run_eval(lm: LoadedModel, store: Store, job: EvalJob, d: Direction) -> Recei
     t0 = time.perf_counter()
     instructions = [p.instruction for p in job.prompts]
     with intervention(lm, job.intervention, d, label_of(job.dataset)):
+        scores = refusal_scores(last_logits(lm, instructions, job.batch_size), lm.refusal_token_ids).tolist()
         responses = generate(lm, instructions, job.max_new_tokens, job.batch_size)
     cols: dict[str, list] = {k: [] for k in completions_schema().names}
     for judge in (get_judge(name) for name in job.judges):
-        for p, resp, v in zip(job.prompts, responses, judge.judge(instructions, responses)):
+        for p, resp, score, v in zip(job.prompts, responses, scores, judge.judge(instructions, responses)):
             for k, val in (("run_id", run), ("model", key), ("dataset", job.dataset), ("intervention", job.intervention),
                            ("prompt_id", p.prompt_id), ("category", p.category), ("prompt", p.instruction),
-                           ("response", resp), ("judge", judge.name), ("refused", v.refused), ("judge_detail", v.detail)):
+                           ("response", resp), ("refusal_score", score), ("judge", judge.name),
+                           ("refused", v.refused), ("judge_detail", v.detail)):
                 cols[k].append(val)
     table = pa.Table.from_pydict(cols, schema=completions_schema())
     data_rel = layout.completion_shard(run, key, job.dataset, job.intervention, job.index)
@@ -179,8 +182,6 @@ def _text_ce(lm: LoadedModel, texts: list[str], batch_size: int) -> float:
 def damage_metrics(lm: LoadedModel, d: Direction, name: str, texts: list[str], prompts: list[str],
                    baseline_responses: list[str], batch_size: int) -> dict[str, float]:
     """CE on harmless text, CE on the model's own baseline harmless completions, first-token KL vs baseline."""
-    from refdir.workers.scoring import last_logits
-
     base = last_logits(lm, prompts, batch_size)
     with intervention(lm, name, d, "harmful"):   # actadd damage is that of the bypass, -r
         out = {
