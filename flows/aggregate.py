@@ -4,8 +4,8 @@ The shipped path (`aggregate_means`) reads the small per-shard float64 sums + co
 writes next to every activation shard (`sums` table), only for shards whose activation marker exists,
 streams them out of DuckDB as Arrow batches and adds them into one float64 accumulator per key, so
 memory is O(keys x d) whatever the number of prompts or shards. `means_from_activations` is the slower
-reference straight from the activation shards (same streaming accumulator); tests and the benchmark
-cross-check the two.
+reference straight from the activation shards, kept prompts only (ids from the jobs' prompts shards,
+filtered batch by batch), through the same streaming accumulator; tests and the benchmark cross-check the two.
 
     stats = aggregate_means(store, run_id, "org-1", split="train")   # writes means.parquet, candidates.parquet
     ref = means_from_activations(store, run_id, "org-1")              # {(label, pos, layer): (mean, n)}
@@ -66,16 +66,21 @@ class _Accumulator:
         """vecs: (rows, d) float16/32/64 (a sum or one activation per row); weights: (rows,) counts."""
         ids = self._ids(labels, positions, layers)
         self._grow(vecs.shape[1])
-        order = np.argsort(ids, kind="stable")
-        sorted_ids = ids[order]
-        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-        uniq = sorted_ids[starts]
-        block = vecs if np.array_equal(order, np.arange(len(ids))) else vecs[order]
-        self.sums[uniq] += np.add.reduceat(block, starts, axis=0, dtype=np.float64)   # (uniq, d)
+        uniq = np.unique(ids)
+        if len(uniq) == 1:
+            self.sums[uniq[0]] += vecs.sum(0, dtype=np.float64)                       # (d,)
+        else:   # a mask per key: 8x faster than sort + reduceat here, each row copied once
+            for j in uniq:
+                self.sums[j] += vecs[ids == j].sum(0, dtype=np.float64)                # (d,)
         np.add.at(self.counts, ids, weights)
 
     def means(self) -> dict[Key, tuple[np.ndarray, int]]:
-        return {k: (self.sums[j] / self.counts[j], int(self.counts[j])) for k, j in self.index.items()}
+        """Key -> (mean (d,), n); a key with n == 0 (every prompt filtered) gets a NaN mean."""
+        out = {}
+        for k, j in self.index.items():
+            n = int(self.counts[j])
+            out[k] = (self.sums[j] / n if n else np.full(self.sums.shape[1], np.nan), n)
+        return out
 
 
 def _vectors(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -90,15 +95,18 @@ def _vectors(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return flat.reshape(n, flat.size // n)
 
 
-def _stream(store: Store, files: list[str], query_cols: str, split: str, acc: _Accumulator, vec: str,
-            weight: str | None) -> None:
-    """DuckDB scan over `files` -> Arrow batches -> accumulator (memory bounded by BATCH_ROWS)."""
+def _stream(store: Store, sql: str, params: dict, acc: _Accumulator, vec: str, weight: str | None,
+            kept: dict[str, np.ndarray] | None = None) -> None:
+    """DuckDB query -> Arrow batches -> accumulator (memory bounded by BATCH_ROWS, not by the data).
+
+    kept: label -> prompt ids that count (rows of other prompts are dropped batch by batch; a SQL
+    semi-join here made DuckDB buffer the whole scan: +60 MiB on 72 MB of shards).
+    """
     con = store.duckdb_connect()
     try:
-        rel = con.sql(f"SELECT {query_cols} FROM read_parquet($files, hive_partitioning=false) WHERE split = $split",
-                      params={"files": [store.path_for_duckdb(f) for f in files], "split": split})
-        reader = rel.to_arrow_reader(BATCH_ROWS)
-        for batch in reader:
+        for batch in con.sql(sql, params=params).to_arrow_reader(BATCH_ROWS):
+            if kept is not None:
+                batch = batch.filter(_kept_mask(batch, kept))
             if batch.num_rows == 0:
                 continue
             w = batch.column(weight).to_numpy() if weight else np.ones(batch.num_rows, np.int64)
@@ -106,6 +114,32 @@ def _stream(store: Store, files: list[str], query_cols: str, split: str, acc: _A
                     batch.column("layer").to_numpy(), _vectors(batch.column(vec)), w)
     finally:
         con.close()
+
+
+def _kept_mask(batch: pa.RecordBatch, kept: dict[str, np.ndarray]) -> np.ndarray:
+    labels = np.asarray(batch.column("label").to_pylist(), dtype=object)       # (rows,)
+    ids = batch.column("prompt_id").to_numpy()                                  # (rows,)
+    mask = np.zeros(batch.num_rows, bool)
+    for label, keep in kept.items():
+        sel = labels == label
+        mask[sel] = np.isin(ids[sel], keep)
+    return mask
+
+
+def _kept_ids(store: Store, prompts_files: list[str]) -> dict[str, np.ndarray]:
+    """label -> prompt ids marked kept in the prompts shards (small: one row per prompt)."""
+    con = store.duckdb_connect()
+    try:
+        rows = con.sql("SELECT label, list(prompt_id) FROM read_parquet($files) WHERE kept GROUP BY label",
+                       params={"files": [store.path_for_duckdb(f) for f in prompts_files]}).fetchall()
+    finally:
+        con.close()
+    return {label: np.asarray(ids, np.int64) for label, ids in rows}
+
+
+_SCAN = ("SELECT label, prompt_id, position, layer, vector FROM read_parquet($files, hive_partitioning=false) "
+         "WHERE split = $split")
+_SUMS = 'SELECT label, position, layer, "sum", n FROM read_parquet($files, hive_partitioning=false) WHERE split = $split'
 
 
 # ---------------------------------------------------------------- which shards count
@@ -137,10 +171,22 @@ def _sums_files(store: Store, run_id: str, model: str, markers: dict[str, dict])
 # ---------------------------------------------------------------- public entry points
 
 def means_from_activations(store: Store, run_id: str, model: str, split: str = "train") -> dict[Key, tuple[np.ndarray, int]]:
-    """Reference means straight from the done activation shards: {(label, pos, layer): (mean float64, n)}."""
-    files = [m["data"] for _, m in sorted(_markers(store, run_id, model, split).items())]
+    """Reference means straight from the done activation shards: {(label, pos, layer): (mean float64, n)}.
+
+    Only kept prompts count (the marker's "prompts" shard has the paper's filter); shards whose marker
+    names no prompts shard count every row.
+    """
+    markers = [m for _, m in sorted(_markers(store, run_id, model, split).items())]
+    with_prompts = [m for m in markers if m.get("prompts")]
+    without = [m for m in markers if not m.get("prompts")]
+    duck = store.path_for_duckdb
     acc = _Accumulator()
-    _stream(store, files, "label, position, layer, vector", split, acc, "vector", None)
+    if with_prompts:
+        kept = _kept_ids(store, [m["prompts"] for m in with_prompts])
+        _stream(store, _SCAN, {"files": [duck(m["data"]) for m in with_prompts], "split": split}, acc, "vector",
+                None, kept=kept)
+    if without:
+        _stream(store, _SCAN, {"files": [duck(m["data"]) for m in without], "split": split}, acc, "vector", None)
     return acc.means()
 
 
@@ -148,15 +194,16 @@ def sums_means(store: Store, run_id: str, model: str, split: str = "train") -> d
     """Means from the per-shard float64 sums of the done shards (the fast path)."""
     files = _sums_files(store, run_id, model, _markers(store, run_id, model, split))
     acc = _Accumulator()
-    _stream(store, files, 'label, position, layer, "sum", n', split, acc, "sum", "n")
+    _stream(store, _SUMS, {"files": [store.path_for_duckdb(f) for f in files], "split": split}, acc, "sum", "n")
     return acc.means()
 
 
 def _label_count(means: dict[Key, tuple[np.ndarray, int]], label: str, where: str) -> int:
     ns = {n for (lab, _, _), (_, n) in means.items() if lab == label}
-    if not ns:
-        raise AggregateError(f"no {label} prompts in the marked shards of {where}; every {label} prompt was filtered "
-                             "out or its extraction jobs have not run; check the prompts table and rerun extraction")
+    if not ns or ns == {0}:
+        raise AggregateError(f"no {label} prompts in the marked shards of {where}: every {label} prompt was filtered "
+                             "out (see the prompts table: kept) or its extraction jobs have not run; use a model that "
+                             "refuses, draw more prompts, or rerun extraction")
     if len(ns) > 1:
         raise AggregateError(f"{where}: {label} counts differ between (position, layer) keys {sorted(ns)[:5]}; "
                              "a shard is incomplete — verify markers (done_jobs(verify=True)) and rerun those jobs")

@@ -31,6 +31,7 @@ STORE_HELP = "Store root: local folder, file:// or s3://bucket/prefix (default: 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is the whole story: printed without a traceback."""
+    from refdir.flows.aggregate import AggregateError
     from refdir.flows.cluster import RayUnavailable
     from refdir.flows.sql import SqlError
     from refdir.flows.stages import StageError
@@ -47,7 +48,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (SpecError, ModelLoadError, FamilyError, ChatTemplateError, StoreError, SqlError, PromptSourceError,
             StageError, SelectionError, RayUnavailable, JudgeError, JobsFailed, SchemaVersionError,
-            FileNotFoundError)
+            AggregateError, FileNotFoundError)
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """SQL over the whole store: one DuckDB connection with a view per table (all runs, all models).
 
-Shard tables (activations, sums, scores, completions) include only data files whose done-marker exists,
-so a writer that died between data and marker adds nothing. A table with no data yet gets no view;
+Shard tables (activations, sums, prompts, score and completion shards) include only data files whose
+done-marker exists, so a writer that died between data and marker adds nothing. Files that are not
+shards (means.parquet, scores.parquet, ...) are included as they are. A table with no data gets no view;
 `run_sql` turns a query against it into SqlError("no <table> stored yet in <store> — run ... first").
 The files stay plain Parquet: any DuckDB/pyarrow/polars user can read them without refdir.
 
@@ -40,6 +41,7 @@ _MARKER_OF = {
     "activations": (re.compile(r"^(runs/[^/]+/[^/]+)/activations/split=([^/]+)/label=([^/]+)/part-(\d+)\.parquet$"),
                     r"\1/activations/_done/\2-\3-\4.json"),
     "sums": (re.compile(r"^(runs/[^/]+/[^/]+)/sums/part-(.+)\.parquet$"), r"\1/activations/_done/\2.json"),
+    "prompts": (re.compile(r"^(runs/[^/]+/[^/]+)/prompts/part-(.+)\.parquet$"), r"\1/activations/_done/\2.json"),
     "scores": (re.compile(r"^(runs/[^/]+/[^/]+)/scores/part-(\d+)\.parquet$"), r"\1/scores/_done/\2.json"),
     "completions": (re.compile(r"^(runs/[^/]+/[^/]+)/completions/([^/]+)/([^/]+)/part-(\d+)\.parquet$"),
                     r"\1/completions/_done/\2-\3-\4.json"),
@@ -59,7 +61,7 @@ class SqlError(RuntimeError):
 
 
 def marker_for(table: str, data_rel: str) -> str | None:
-    """The done-marker a shard table's data file needs (None for tables without markers)."""
+    """The done-marker a shard's data file needs (None: not a shard, e.g. means.parquet or scores.parquet)."""
     if table not in _MARKER_OF:
         return None
     pattern, repl = _MARKER_OF[table]
@@ -79,8 +81,7 @@ def view_files(store: Store) -> dict[str, list[str]]:
     for name in VIEWS:
         rx = _glob_regex(VIEW_GLOBS[name])
         hits = [f for f in files if rx.match(f)]
-        if name in _MARKER_OF:
-            hits = [f for f in hits if marker_for(name, f) in present]
+        hits = [f for f in hits if marker_for(name, f) in present or marker_for(name, f) is None]
         if hits:
             out[name] = hits
     return out
@@ -134,9 +135,9 @@ def format_table(table: pa.Table, more: bool = False) -> str:
     cols = table.column_names
     rows = [[_cell(v) for v in r.values()] for r in table.to_pylist()]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
-    line = "+".join("-" * (w + 2) for w in widths)
-    out = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)), line]
-    out += [" | ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    line = "-+-".join("-" * w for w in widths)
+    out = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip(), line]
+    out += [" | ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     n = len(rows)
     out.append(f"({n} row{'s' if n != 1 else ''}{', more not shown: use --format csv for all' if more else ''})")
     return "\n".join(out)
