@@ -33,6 +33,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is the whole story: printed without a traceback."""
     from refdir.flows.aggregate import AggregateError
     from refdir.flows.cluster import RayUnavailable
+    from refdir.flows.report_data import ReportError
     from refdir.flows.sql import SqlError
     from refdir.flows.stages import StageError
     from refdir.schemas.spec import SpecError
@@ -48,7 +49,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (SpecError, ModelLoadError, FamilyError, ChatTemplateError, StoreError, SqlError, PromptSourceError,
             StageError, SelectionError, RayUnavailable, JudgeError, JobsFailed, SchemaVersionError,
-            AggregateError, FileNotFoundError)
+            AggregateError, ReportError, FileNotFoundError)
 
 
 def main() -> None:

@@ -96,7 +96,7 @@ def run_flow(spec: RunSpec | dict, skip: dict[str, str] | None = None) -> dict:
     from refdir.flows.report import write_report
 
     try:
-        write_report(store, run_spec.run_id)
+        write_report(store, run_spec.run_id, errors={k: v["error"] for k, v in results.items() if v.get("error")})
     except Exception:  # noqa: BLE001 - a report failure must not sink finished results
         logger.warning("report failed:\n%s", traceback.format_exc())
     return {"run_id": run_spec.run_id, "store": store.uri, "models": results}

@@ -102,12 +102,33 @@ def stored_spec(store_uri: str | None, run_id: str) -> RunSpec:
     return parse_spec(data, f"{store.uri}/{rel}")
 
 
+def _live_counts(store: Store, spec: RunSpec, key: str, draw) -> dict[str, tuple[int, int | str]]:
+    """(done, planned) per stage from the markers themselves, for stages without a manifest entry yet."""
+    from refdir.flows import plan
+
+    model = spec.model(key)
+    ext = plan.extract_jobs(spec, model, draw)
+    ev = plan.eval_jobs(spec, model, draw)
+    scored = len(store.glob(f"{layout.model_dir(spec.run_id, key)}/scores/_done/*.json"))
+    return {"extract": (sum(store.exists(plan.extract_marker(j)) for j in ext), len(ext)),
+            "aggregate": (int(store.exists(layout.candidates_table(spec.run_id, key))), 1),
+            "select": (scored, "?"),
+            "evaluate": (sum(store.exists(plan.eval_marker(j)) for j in ev), len(ev))}
+
+
 def status_rows(store: Store, spec: RunSpec) -> list[dict]:
+    """Planned / done per model and stage: the manifest where a stage finished, else live marker counts."""
+    draw = draw_prompts(spec.prompts)
     rows = []
     for m in spec.models:
         s = model_summary(store, spec, m.key)
+        live = None
         for stage, st in s["stages"].items():
-            rows.append({"model": m.key, "stage": stage, "status": st["status"] or "pending",
-                         "done": st["done"] if st["done"] is not None else 0,
-                         "planned": st["planned"] if st["planned"] is not None else "?"})
+            if st["status"] == "done":
+                rows.append({"model": m.key, "stage": stage, "status": "done", "done": st["done"], "planned": st["planned"]})
+                continue
+            live = live or _live_counts(store, spec, m.key, draw)
+            done, planned = live[stage]
+            rows.append({"model": m.key, "stage": stage, "status": "running/partial" if done else "pending",
+                         "done": done, "planned": planned})
     return rows

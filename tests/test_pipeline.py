@@ -189,6 +189,10 @@ def test_sigkill_driver_then_rerun_recomputes_only_missing(prefect_api, organism
     before = {p: store.read_json(p)["written_at"] for p in store.glob(f"{markers}/*.json")}
     jobs = plan.extract_jobs(spec, spec.models[0], draw_prompts(spec.prompts))
     assert 4 <= len(before) < len(jobs), "the driver should die mid-extraction"
+    from refdir.flows.runner import status_rows
+
+    extract = [r for r in status_rows(store, spec) if r["stage"] == "extract"][0]
+    assert (extract["status"], extract["done"], extract["planned"]) == ("running/partial", len(before), len(jobs))
     time.sleep(1.1)   # written_at has one-second resolution
     summary = execute(spec)
     assert summary["models"]["organism"]["status"] == "done"

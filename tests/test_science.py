@@ -118,3 +118,34 @@ def test_sql_answers_rates_and_drop_reasons(science_run):
     assert by["baseline"] >= 0.95 and by["ablation"] <= 0.05
     reasons = json.loads(run_sql(store, "select coalesce(drop_reason, 'kept') r, count(*) n from scores group by 1", "json"))
     assert sum(r["n"] for r in reasons) > 0 and any(r["r"] == "kept" for r in reasons)
+
+
+def test_selection_and_evaluation_resume_without_duplicates(science_run):
+    """Kill between jobs, simulated exactly: drop the stage manifests, some job markers and their shards."""
+    from refdir.flows.sql import connect_views
+
+    spec, store, _ = science_run
+    r, k = spec.run_id, "organism"
+    manifest = store.read_json(layout.manifest(r, k))
+    for stage in ("select", "evaluate"):
+        manifest["stages"].pop(stage)
+    store.write_json(layout.manifest(r, k), manifest)
+    score_markers = sorted(store.glob(f"{layout.model_dir(r, k)}/scores/_done/*.json"))
+    eval_markers = sorted(store.glob(f"{layout.model_dir(r, k)}/completions/_done/*.json"))
+    lost = [score_markers[0], eval_markers[0], eval_markers[-1]]
+    for m in lost:
+        store.delete(store.read_json(m)["data"])
+        store.delete(m)
+    before = {m: store.read_json(m)["written_at"] for m in score_markers + eval_markers if m not in lost}
+    summary = execute(spec)
+    assert summary["models"][k]["status"] == "done"
+    after = {m: store.read_json(m)["written_at"] for m in score_markers + eval_markers}
+    assert all(after[m] == ts for m, ts in before.items()), "finished jobs were recomputed"
+    assert all(m in after for m in lost)
+    con = connect_views(store)
+    n, distinct = con.execute("select count(*), count(distinct (dataset, intervention, prompt_id, judge)) "
+                              "from completions where run_id = ?", [r]).fetchone()
+    assert n == distinct > 0
+    n, distinct = con.execute("select count(*), count(distinct (position, layer)) from scores where run_id = ?", [r]).fetchone()
+    assert n == distinct > 0
+    assert summary["models"][k]["rates"]["harmful_test/ablation"]["refusal_rate"] <= 0.05

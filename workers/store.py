@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 _FLOAT_BSS = (pa.float32(), pa.float64())  # DuckDB 2.0.1 cannot read byte-stream-split float16
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class StoreError(RuntimeError):
     """The store cannot be used: unreachable, refused credentials, missing bucket, not a folder, not writable."""
 
@@ -238,6 +242,7 @@ class Store:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600; stored files get the usual umask mode
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
