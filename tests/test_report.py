@@ -265,7 +265,8 @@ def test_real_run_report_has_every_section_and_figure(real_run):
     assert {k: v["status"] for k, v in summary["models"].items()} == \
         {"organism": "done", "tiny-qwen2": "done", "missing": "failed"}
     p = parse(store.read_bytes(layout.report_html(spec.run_id)).decode())   # written by the run flow itself
-    assert p.status == {"model-organism": "done", "model-tiny-qwen2": "done", "model-missing": "missing"}
+    # the run flow passes each failed model's reason to the report
+    assert p.status == {"model-organism": "done", "model-tiny-qwen2": "done", "model-missing": "failed"}
     imgs = images_by_section(p)
     assert imgs["summary"] == {"refusal-bars"}
     assert not p.errors, f"parts failed to render in {p.errors}"
@@ -276,7 +277,7 @@ def test_real_run_report_has_every_section_and_figure(real_run):
         text = p.section_text(sid)
         assert "not available" not in text
         assert "harmful_test" in text and "harmless_test" in text and "ce_own_completions" in text
-    assert "no manifest" in p.section_text("model-missing")
+    assert "nope" in p.section_text("model-missing")
     summary_text = p.section_text("summary")
     assert "organism" in summary_text and "tiny-qwen2" in summary_text and "missing" in summary_text
 
