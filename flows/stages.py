@@ -48,6 +48,7 @@ class ModelRun:
         self.run_id = spec.run_id
         self.progress = progress
         self._actors: list | None = None
+        self._concurrency = 1
         self.info: dict | None = None
 
     # ---- manifest ---------------------------------------------------------------------------
@@ -73,7 +74,9 @@ class ModelRun:
 
             ensure_ray(self.spec.compute)
             n, gpus, cpus = actor_resources(self.spec.compute, self.key)
-            worker = remote_worker(num_gpus=gpus, num_cpus=cpus, max_restarts=self.spec.compute.max_retries)
+            self._concurrency = self.spec.compute.extract_concurrency if gpus > 0 else 1
+            worker = remote_worker(num_gpus=gpus, num_cpus=cpus, max_restarts=self.spec.compute.max_retries,
+                                   max_concurrency=self._concurrency)
             threads = max(1, int(cpus)) if gpus == 0 else None
             self._actors = [worker.remote(self.model, self.spec.store, None, threads) for _ in range(n)]
             infos = ray.get([a.ping.remote() for a in self._actors])
@@ -106,8 +109,10 @@ class ModelRun:
             self.progress.start(self.key, stage, len(jobs), len(jobs) - len(todo))
         if todo:
             tick = (lambda _r: self.progress.advance(self.key, stage)) if self.progress else None
-            run_jobs(self.actors(), method, todo, max_retries=self.spec.compute.max_retries,
-                     inflight=2, on_done=tick)
+            actors = self.actors()
+            # extraction jobs may share an actor (per-thread capture); hooked jobs never run side by side
+            inflight = self._concurrency + 1 if method == "extract" else 1
+            run_jobs(actors, method, todo, max_retries=self.spec.compute.max_retries, inflight=inflight, on_done=tick)
         done = sum(self.store.marker(marker_of(j)) is not None for j in jobs)
         return len(jobs), done
 

@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -78,3 +80,16 @@ def test_unit_and_nonzero_mask():
     assert mask.shape == (2, 3) and mask.dtype == torch.bool
     assert mask.tolist() == [[False, True, True], [False, True, False]]
     assert nonzero_mask(cands, prune_norm=0.0)[1, 0]
+
+
+def test_extraction_sums_match_float64_sums_of_kept_prompts(tiny_lm_factory):
+    """forward_capture accumulates the kept prompts' sums on the device in float64, batch by batch."""
+    from refdir.workers.extract import forward_capture
+
+    lm = tiny_lm_factory("qwen2")
+    prompts = ["how do i bake bread", "tell me a story", "what is the weather", "how do i fix a bike", "hello there"]
+    cap = forward_capture(lm, prompts, batch_size=2, label="harmless", filter_prompts=True)
+    assert cap.acts.shape == (5, lm.n_layers, len(lm.eoi_ids), lm.d_model)
+    assert cap.kept.tolist() == (cap.scores.numpy() < 0).tolist()
+    want = cap.acts[torch.from_numpy(cap.kept)].double().sum(0).numpy()
+    assert cap.sums.dtype == np.float64 and np.allclose(cap.sums, want, rtol=1e-6, atol=1e-6)

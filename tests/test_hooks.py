@@ -177,3 +177,36 @@ def test_bad_vectors_are_rejected():
             pass
     with pytest.raises(ValueError, match="finite and non-zero"):
         orthogonalize_(lm, torch.zeros(lm.d_model))
+
+
+def test_capture_records_only_its_own_thread(tiny_lm_factory):
+    """Two extraction jobs on one model at once (a threaded GPU actor) each see only their own passes."""
+    import threading
+
+    lm = tiny_lm_factory("llama3")
+    prompts = [["how do i bake bread"] * 2, ["tell me a story about a cat", "what is the weather"]]
+    n = len(lm.eoi_ids)
+
+    def alone(batch):
+        with capture_resid_pre(lm, n) as cap, torch.inference_mode():
+            lm.model(**lm.encode(batch))
+            return cap.activations()
+
+    expected = [alone(b) for b in prompts]
+    got: dict[int, torch.Tensor] = {}
+    barrier = threading.Barrier(2)
+
+    def job(i):
+        with capture_resid_pre(lm, n) as cap, torch.inference_mode():
+            barrier.wait()
+            for _ in range(3):   # interleave forward passes of both threads
+                cap.clear()
+                lm.model(**lm.encode(prompts[i]))
+            got[i] = cap.activations()
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for i in range(2):
+        assert got[i].shape == expected[i].shape
+        assert torch.allclose(got[i], expected[i], atol=1e-5)

@@ -84,9 +84,14 @@ class ModelWorker:
         return self._directions[key]
 
 
-def remote_worker(num_gpus: float = 0, num_cpus: float = 1, max_restarts: int = 2):
-    """The Ray actor class for ModelWorker with these resources and restart policy."""
+def remote_worker(num_gpus: float = 0, num_cpus: float = 1, max_restarts: int = 2, max_concurrency: int = 1):
+    """The Ray actor class for ModelWorker with these resources and restart policy.
+
+    With max_concurrency > 1 the actor is threaded: the driver then sends several extraction jobs at a
+    time (capture is per thread) but only one scoring or evaluation job (their hooks act on the whole
+    model), see flows/stages.py.
+    """
     import ray
 
     return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts,
-                      max_task_retries=max_restarts)(ModelWorker)
+                      max_task_retries=max_restarts, max_concurrency=max_concurrency)(ModelWorker)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -33,17 +34,39 @@ from refdir.workers.store import Store
 logger = logging.getLogger(__name__)
 
 
-def forward_capture(lm: LoadedModel, instructions: list[str], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations (n, n_layers, n_pos, d) float32 on CPU and refusal scores (n,) float64."""
+@dataclass
+class Captured:
+    """One job's forward passes: activations on CPU, refusal scores, kept mask, float64 sums of the kept."""
+
+    acts: torch.Tensor      # (n, n_layers, n_pos, d) float32, CPU
+    scores: torch.Tensor    # (n,) float64, CPU
+    kept: np.ndarray        # (n,) bool
+    sums: np.ndarray        # (n_layers, n_pos, d) float64 over kept prompts
+
+
+def forward_capture(lm: LoadedModel, instructions: list[str], batch_size: int, label: str = "harmful",
+                    filter_prompts: bool = False) -> Captured:
+    """Batched forward passes with resid_pre capture; sums of kept prompts accumulate on the device in float64.
+
+    Per batch there is one device-to-host copy of the activations; the float64 accumulation happens where
+    the tensor already is (the GPU on a GPU actor), so the host only encodes.
+    """
     n_pos = len(lm.eoi_ids)
-    acts, scores = [], []
+    acts, scores, kept = [], [], []
+    sums = torch.zeros(lm.n_layers, n_pos, lm.d_model, dtype=torch.float64, device=lm.device)
     for start in range(0, len(instructions), batch_size):
         enc = lm.encode(instructions[start : start + batch_size])
         with capture_resid_pre(lm, n_pos) as cap, torch.inference_mode():
             logits = lm.model(**enc).logits[:, -1, :]          # (batch, vocab)
-            acts.append(cap.activations())                      # (batch, n_layers, n_pos, d)
-        scores.append(refusal_scores(logits, lm.refusal_token_ids).cpu())
-    return torch.cat(acts), torch.cat(scores)
+            batch_acts = cap.activations_on_device()            # (batch, n_layers, n_pos, d)
+            batch_scores = refusal_scores(logits, lm.refusal_token_ids)
+            mask = keep_mask(batch_scores.cpu(), label, filter_prompts)
+            sel = torch.from_numpy(mask).to(batch_acts.device)
+            sums += batch_acts[sel].sum(dim=0, dtype=torch.float64).to(sums.device)
+            acts.append(batch_acts.to("cpu", torch.float32))
+        scores.append(batch_scores.cpu())
+        kept.append(mask)
+    return Captured(torch.cat(acts), torch.cat(scores), np.concatenate(kept), sums.cpu().numpy())
 
 
 def keep_mask(scores: torch.Tensor, label: str, enabled: bool) -> np.ndarray:
@@ -77,11 +100,11 @@ def activation_table(job: ExtractJob, acts: torch.Tensor, dtype: str) -> pa.Tabl
     return pa.Table.from_pydict(cols, schema=schema)
 
 
-def sums_table(job: ExtractJob, acts: torch.Tensor, kept: np.ndarray) -> pa.Table:
+def sums_table(job: ExtractJob, cap: Captured) -> pa.Table:
     """Float64 sums and counts per (position, layer) over the kept prompts."""
-    _, n_layers, n_pos, d = acts.shape
-    sel = acts[torch.from_numpy(kept)].to(torch.float64)                # (k, L, P, d)
-    sums = sel.sum(dim=0).permute(1, 0, 2).reshape(-1, d).numpy()       # (P*L, d), position-major
+    n_layers, n_pos, d = cap.sums.shape
+    sums = np.ascontiguousarray(cap.sums.transpose(1, 0, 2)).reshape(-1, d)   # (P*L, d), position-major
+    kept = cap.kept
     rows = n_pos * n_layers
     cols = {
         "run_id": [job.run_id] * rows,
@@ -119,15 +142,15 @@ def run_extract(lm: LoadedModel, store: Store, job: ExtractJob) -> Receipt:
     if done is not None:
         return Receipt(job_id=job.job_id, uri=store.url(done["data"]), rows=done["rows"], sha256=done["sha256"], skipped=True)
     t0 = time.perf_counter()
-    acts, scores = forward_capture(lm, [p.instruction for p in job.prompts], job.batch_size)
-    kept = keep_mask(scores, job.label, job.filter_prompts)
+    cap = forward_capture(lm, [p.instruction for p in job.prompts], job.batch_size, job.label, job.filter_prompts)
+    acts, scores, kept = cap.acts, cap.scores, cap.kept
     data_rel = layout.activation_shard(run, key, job.split, job.label, job.index)
     sums_rel = layout.sums_shard(run, key, job.split, job.label, job.index)
     prompts_rel = layout.prompts_shard(run, key, job.split, job.label, job.index)
     n_pos = acts.shape[2]
     rows, sha = store.write_table(data_rel, activation_table(job, acts, job.activation_dtype), table_name="activations",
                                   run_id=run, row_group_size=len(job.prompts) * n_pos)
-    store.write_table(sums_rel, sums_table(job, acts, kept), table_name="sums", run_id=run)
+    store.write_table(sums_rel, sums_table(job, cap), table_name="sums", run_id=run)
     store.write_table(prompts_rel, prompts_table(job, scores, kept), table_name="prompts", run_id=run)
     seconds = time.perf_counter() - t0
     store.write_json(marker_rel, {

@@ -20,6 +20,7 @@ i.e. on exactly what enters the residual stream.
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -122,28 +123,41 @@ def _hooks() -> Iterator[list]:
 
 
 class ResidCapture:
-    """Collects resid_pre of every block, last n_last positions, for each forward pass."""
+    """Collects resid_pre of every block, last n_last positions, for each forward pass.
+
+    Slices stay on the model's device until read (one device-to-host copy per read, not one per layer),
+    and only forward passes run by the thread that opened the capture are recorded, so an actor can run
+    several extraction jobs at once on one model.
+    """
 
     def __init__(self, n_layers: int, n_last: int):
         self.n_layers, self.n_last = n_layers, n_last
+        self._thread = threading.get_ident()
         self._per_layer: list[list[Tensor]] = [[] for _ in range(n_layers)]
 
     def hook(self, layer: int):
         def pre_hook(module, args, kwargs):
+            if threading.get_ident() != self._thread:
+                return None
             h = _hidden_in(args, kwargs)  # (batch, seq, d)
             if h.shape[1] < self.n_last:
                 raise HookError(f"sequence of {h.shape[1]} tokens is shorter than the {self.n_last} positions captured")
-            self._per_layer[layer].append(h[:, -self.n_last:, :].detach().to("cpu", torch.float32))
+            self._per_layer[layer].append(h[:, -self.n_last:, :].detach().clone())
         return pre_hook
 
-    def activations(self) -> Tensor:
-        """(batch, n_layers, n_last, d) float32 on CPU; passes since the last clear() are concatenated on batch."""
+    def activations_on_device(self) -> Tensor:
+        """(batch, n_layers, n_last, d) in the model's dtype and device; passes since clear() concatenated."""
         counts = [len(x) for x in self._per_layer]
         if not counts or min(counts) == 0 or len(set(counts)) != 1:
             raise HookError(f"capture hooks fired unevenly or not at all (passes per layer: {counts}); "
                             f"run one full forward pass inside the with-block")
-        passes = [torch.stack([layer[j] for layer in self._per_layer], dim=1) for j in range(counts[0])]
+        dev = self._per_layer[0][0].device
+        passes = [torch.stack([layer[j].to(dev) for layer in self._per_layer], dim=1) for j in range(counts[0])]
         return torch.cat(passes, dim=0)
+
+    def activations(self) -> Tensor:
+        """(batch, n_layers, n_last, d) float32 on CPU; passes since the last clear() are concatenated on batch."""
+        return self.activations_on_device().to("cpu", torch.float32)
 
     def clear(self) -> None:
         self._per_layer = [[] for _ in range(self.n_layers)]

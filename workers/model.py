@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,8 +61,15 @@ class LoadedModel:
         return list(module_at(self.model, self.family.blocks))
 
     def encode(self, instructions: list[str]) -> BatchEncoding:
-        """Chat-formatted, left-padded input_ids + attention_mask (batch, seq) on self.device."""
-        return chat.encode(self.tokenizer, self.family, instructions, device=self.device, eoi_ids=self.eoi_ids)
+        """Chat-formatted, left-padded input_ids + attention_mask (batch, seq) on self.device.
+
+        Serialised by a lock: a fast tokenizer's padding state is not safe to share between threads
+        (an actor may run several extraction jobs at once)."""
+        with _ENCODE_LOCK:
+            return chat.encode(self.tokenizer, self.family, instructions, device=self.device, eoi_ids=self.eoi_ids)
+
+
+_ENCODE_LOCK = threading.Lock()
 
 
 def resolve_device(device: str | None) -> torch.device:
