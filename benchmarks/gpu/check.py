@@ -108,6 +108,15 @@ def bench_model(name: str, prompts: list[str], out_dir: Path) -> dict:
                 lm.model(**lm.encode(prompts[i:i + batch]))
 
     t_ext, t_bare = timed(extract), timed(bare)
+
+    def concurrent(k: int = 3):
+        """k jobs at once, as a GPU actor with extract_concurrency=k runs them (threads, per-thread capture)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(k) as pool:
+            list(pool.map(lambda _: extract(), range(k)))
+
+    t_conc = timed(concurrent) / 3
     gen_prompts, new = prompts[:64], 64
     r = torch.randn(lm.d_model, device=DEVICE)
 
@@ -126,6 +135,7 @@ def bench_model(name: str, prompts: list[str], out_dir: Path) -> dict:
     res = {"model": name, "params_b": sum(p.numel() for p in lm.model.parameters()) / 1e9, "build_s": load_s,
            "n_prompts": len(prompts), "prompt_tokens": n_tokens, "batch": batch,
            "extract_s": t_ext, "bare_forward_s": t_bare, "extraction_ratio": t_ext / t_bare,
+           "extract_concurrent3_s_per_job": t_conc, "extraction_ratio_concurrent3": t_conc / t_bare,
            "extract_tokens_per_s": n_tokens / t_ext, "forward_tokens_per_s": n_tokens / t_bare,
            "generate_plain_s": t_plain, "generate_hooked_s": t_hooked, "generation_ratio": t_hooked / t_plain,
            "generate_new_tokens_per_s": len(gen_prompts) * new / t_plain,
