@@ -210,3 +210,21 @@ def test_capture_records_only_its_own_thread(tiny_lm_factory):
     for i in range(2):
         assert got[i].shape == expected[i].shape
         assert torch.allclose(got[i], expected[i], atol=1e-5)
+
+
+def test_ablation_in_bfloat16_removes_the_direction(tiny_lm_factory):
+    """The half-precision path (GPU runs) projects in the activation's dtype; what is left is rounding."""
+    from dataclasses import replace
+
+    lm = tiny_lm_factory("llama3")
+    lm = replace(lm, model=lm.model.to(torch.bfloat16), dtype=torch.bfloat16)
+    r = torch.randn(lm.d_model)
+    r_hat = r / r.norm()
+    with ablate(lm, r), capture_resid_pre(lm, len(lm.eoi_ids)) as cap, torch.inference_mode():
+        lm.model(**lm.encode(["how do i bake bread", "tell me a story"]))
+    acts = cap.activations()                       # float32 copies of bf16 activations
+    along = (acts @ r_hat).abs()
+    assert (along / acts.norm(dim=-1)).max() < 2e-2
+    with capture_resid_pre(lm, len(lm.eoi_ids)) as cap, torch.inference_mode():
+        lm.model(**lm.encode(["how do i bake bread", "tell me a story"]))
+    assert ((cap.activations() @ r_hat).abs() / cap.activations().norm(dim=-1)).max() > 5e-2
