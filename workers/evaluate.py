@@ -47,16 +47,26 @@ def _writer_params(lm: LoadedModel) -> list[torch.nn.Parameter]:
     return [p for m in mods for p in (m.weight, getattr(m, "bias", None)) if p is not None]
 
 
+def _snapshot(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """Copies of `params`: on their own GPU when it has room (a device-to-device copy takes milliseconds),
+    else in host memory."""
+    need: dict[torch.device, int] = {}
+    for p in params:
+        need[p.device] = need.get(p.device, 0) + p.numel() * p.element_size()
+    room = {d: d.type == "cuda" and torch.cuda.mem_get_info(d)[0] > 1.25 * n + 2**30 for d, n in need.items()}
+    return [p.detach().clone() if room[p.device] else p.detach().to("cpu", copy=True) for p in params]
+
+
 @contextlib.contextmanager
 def orthogonalized(lm: LoadedModel, direction: torch.Tensor):
     """The model with its weights orthogonalised for the block; original weights restored bitwise after.
 
-    Snapshots only the edited parameters (on CPU), so an actor can serve every intervention with one
-    copy of the model on its device. Tied embeddings stay untied afterwards (same values).
+    Snapshots only the edited parameters (embeddings, attention-out, MLP-down), so an actor serves every
+    intervention with one copy of the model. Tied embeddings stay untied afterwards (same values).
     """
     untie_embeddings_(lm)
     params = _writer_params(lm)
-    saved = [p.detach().to("cpu", copy=True) for p in params]
+    saved = _snapshot(params)
     try:
         orthogonalize_(lm, direction)
         yield lm

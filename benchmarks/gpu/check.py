@@ -128,6 +128,14 @@ def bench_model(name: str, prompts: list[str], out_dir: Path) -> dict:
             generate(lm, gen_prompts, new, 64)
 
     t_plain, t_hooked = timed(plain), timed(hooked)
+
+    def ortho():
+        from refdir.workers.evaluate import orthogonalized
+
+        with orthogonalized(lm, r):
+            generate(lm, gen_prompts, new, 64)
+
+    t_ortho = timed(ortho)
     sj = ScoreJob(run_id="gpu", model=ModelSpec(key=name, path="random"), store=StoreSpec(uri=store.uri), index=0,
                   candidates=[(-1, 2)], harmful_val=ps[:32], harmless_val=ps[32:64], batch_size=64)
     base = Baseline.compute(lm, sj)
@@ -138,11 +146,11 @@ def bench_model(name: str, prompts: list[str], out_dir: Path) -> dict:
            "extract_concurrent3_s_per_job": t_conc, "extraction_ratio_concurrent3": t_conc / t_bare,
            "extract_tokens_per_s": n_tokens / t_ext, "forward_tokens_per_s": n_tokens / t_bare,
            "generate_plain_s": t_plain, "generate_hooked_s": t_hooked, "generation_ratio": t_hooked / t_plain,
+           "generate_orthogonalized_s": t_ortho, "orthogonalized_generation_ratio": t_ortho / t_plain,
            "generate_new_tokens_per_s": len(gen_prompts) * new / t_plain,
            "generate_hooked_new_tokens_per_s": len(gen_prompts) * new / t_hooked,
            "score_s_per_candidate": t_score,
            "max_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None}
-    del lm
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
