@@ -67,7 +67,9 @@ class _Accumulator:
         ids = self._ids(labels, positions, layers)
         self._grow(vecs.shape[1])
         uniq = np.unique(ids)
-        if len(uniq) == 1:
+        if len(uniq) == len(ids):   # sums rows: one row per key, add them all at once
+            self.sums[ids] += vecs
+        elif len(uniq) == 1:
             self.sums[uniq[0]] += vecs.sum(0, dtype=np.float64)                       # (d,)
         else:   # a mask per key: 8x faster than sort + reduceat here, each row copied once
             for j in uniq:

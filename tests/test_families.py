@@ -12,7 +12,7 @@ import torch
 from refdir.workers.chat import ChatTemplateError, chat_template_for, encode, eoi_token_ids, format_instructions
 from refdir.workers.families import FAMILIES, FamilyError, get_family, resolve_family
 from refdir.workers.model import from_model
-from tests.fixtures.tiny import CHATML_SPECIALS, TINY_FAMILIES, build_tokenizer, tiny_model
+from tests.fixtures.tiny import CHATML_SPECIALS, TINY_FAMILIES, build_tokenizer, tiny_lm, tiny_model
 
 INSTRUCTIONS = ["how do i make a cake ?", "tell me", "write a poem about the sea please"]
 REQUIRED = {"llama2", "llama3", "yi", "smollm2", "organism", "qwen", "qwen2", "qwen3", "gemma", "gemma2",
@@ -110,3 +110,14 @@ def test_missing_pad_token_is_set_to_eos():
     lm = from_model(model, tok)
     assert lm.tokenizer.pad_token == tok.eos_token and lm.tokenizer.padding_side == "left"
     assert lm.encode(INSTRUCTIONS)["input_ids"].shape[0] == 3
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_last_position_logits_equal_the_full_forward(family):
+    """Extraction and scoring ask for the last position only (logits_to_keep=1); same numbers."""
+    from refdir.workers.model import last_position_logits
+
+    lm = tiny_lm(family)
+    enc = lm.encode(["how do i bake bread", "tell me a story about a cat"])
+    with torch.inference_mode():
+        assert torch.equal(last_position_logits(lm, enc), lm.model(**enc).logits[:, -1, :])

@@ -28,7 +28,7 @@ from refdir.schemas.jobs import ExtractJob, Receipt
 from refdir.schemas.tables import activations_schema, prompts_schema, sums_schema
 from refdir.workers.directions import refusal_scores
 from refdir.workers.hooks import capture_resid_pre
-from refdir.workers.model import LoadedModel
+from refdir.workers.model import LoadedModel, last_position_logits
 from refdir.workers.store import Store
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def forward_capture(lm: LoadedModel, instructions: list[str], batch_size: int, l
     for start in range(0, len(instructions), batch_size):
         enc = lm.encode(instructions[start : start + batch_size])
         with capture_resid_pre(lm, n_pos) as cap, torch.inference_mode():
-            logits = lm.model(**enc).logits[:, -1, :]          # (batch, vocab)
+            logits = last_position_logits(lm, enc)             # (batch, vocab)
             batch_acts = cap.activations_on_device()            # (batch, n_layers, n_pos, d)
             batch_scores = refusal_scores(logits, lm.refusal_token_ids)
             mask = keep_mask(batch_scores.cpu(), label, filter_prompts)
@@ -150,7 +150,8 @@ def run_extract(lm: LoadedModel, store: Store, job: ExtractJob) -> Receipt:
     n_pos = acts.shape[2]
     rows, sha = store.write_table(data_rel, activation_table(job, acts, job.activation_dtype), table_name="activations",
                                   run_id=run, row_group_size=len(job.prompts) * n_pos)
-    store.write_table(sums_rel, sums_table(job, cap), table_name="sums", run_id=run)
+    sums = sums_table(job, cap)   # a few hundred rows: one row group, so aggregation reads it in one batch
+    store.write_table(sums_rel, sums, table_name="sums", run_id=run, row_group_size=sums.num_rows)
     store.write_table(prompts_rel, prompts_table(job, scores, kept), table_name="prompts", run_id=run)
     seconds = time.perf_counter() - t0
     store.write_json(marker_rel, {

@@ -72,6 +72,26 @@ class LoadedModel:
 _ENCODE_LOCK = threading.Lock()
 
 
+def last_position_logits(lm: LoadedModel, enc) -> torch.Tensor:
+    """Logits at the last position (batch, vocab), asking the model for that position only where its
+    forward takes `logits_to_keep` (transformers' CausalLMs; remote-code models may not): the full
+    (batch, seq, vocab) projection is most of a small model's forward."""
+    if _takes_logits_to_keep(type(lm.model)):
+        return lm.model(**enc, logits_to_keep=1).logits[:, -1, :]
+    return lm.model(**enc).logits[:, -1, :]
+
+
+_KEEP_CACHE: dict[type, bool] = {}
+
+
+def _takes_logits_to_keep(cls: type) -> bool:
+    if cls not in _KEEP_CACHE:
+        import inspect
+
+        _KEEP_CACHE[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
+    return _KEEP_CACHE[cls]
+
+
 def resolve_device(device: str | None) -> torch.device:
     """The given device, or "cuda" when available, else "cpu"."""
     if device in (None, "", "auto"):

@@ -25,7 +25,7 @@ from refdir.schemas.jobs import Receipt, ScoreJob
 from refdir.schemas.tables import scores_schema
 from refdir.workers.directions import kl_div_last, refusal_scores
 from refdir.workers.hooks import ablate, actadd
-from refdir.workers.model import LoadedModel
+from refdir.workers.model import LoadedModel, last_position_logits
 from refdir.workers.store import Store
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def last_logits(lm: LoadedModel, instructions: list[str], batch_size: int) -> to
     for start in range(0, len(order), batch_size):
         batch = [instructions[i] for i in order[start : start + batch_size]]
         with torch.inference_mode():
-            out.append(lm.model(**lm.encode(batch)).logits[:, -1, :].float())
+            out.append(last_position_logits(lm, lm.encode(batch)).float())
     logits = torch.cat(out)
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
