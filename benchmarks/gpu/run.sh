@@ -5,7 +5,7 @@
 set -euo pipefail
 part=$1; out=$2
 cd "$(dirname "$0")/../.."
-for d in .whl .whl2; do
+for d in .whl .whl2 .whl3; do
   if [ -d "$d" ] && ls "$d"/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$d"/*.whl
   fi
