@@ -38,7 +38,7 @@ from benchmarks.common import Case, paired, peak_rss_bytes, py_profile, ratio, r
 logger = logging.getLogger(__name__)
 
 GOAL = 1.0
-RSS_GOAL = 1.5   # memory must not grow with the data: 10x the shards, at most 1.5x the peak RSS
+RSS_GOAL = 1.2   # the store issue: a store 10x larger raises peak RSS by at most ~20%
 RUN_1X, RUN_10X, MODEL = "bench-agg-1x", "bench-agg-10x", "synthetic"
 
 

@@ -133,13 +133,13 @@ def organism(out_dir: Path = typer.Option(..., "--out", help="Folder to write th
 
 # ---- pipeline -----------------------------------------------------------------------------------
 
-def _run_and_print(spec, plain: bool) -> dict:
+def _run_and_print(spec, plain: bool, verify: bool = False) -> dict:
     from refdir.flows.progress import make_reporter
     from refdir.flows.runner import execute
     from refdir.flows.summary import summary_rows
 
     with make_reporter(plain or None) as rep:
-        summary = execute(spec, rep)
+        summary = execute(spec, rep, verify=verify)
     _print_summary(summary, summary_rows)
     return summary
 
@@ -161,24 +161,26 @@ def run(spec_path: Path = typer.Argument(..., help="Run spec (TOML), see infra/s
         store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Existing Ray cluster"),
         allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Pick the best bypass when all candidates are filtered"),
+        verify: bool = typer.Option(False, "--verify", help="Check every stored shard's checksum first and redo corrupt ones"),
         plain: bool = typer.Option(False, "--plain", help="Log lines instead of progress bars")) -> None:
     """Run a spec; rerunning the same spec resumes it."""
     from refdir.flows.runner import with_overrides
     from refdir.schemas.spec import load_spec
 
     spec = with_overrides(load_spec(spec_path), store, ray_address, allow_fallback or None)
-    _run_and_print(spec, plain)
+    _run_and_print(spec, plain, verify)
 
 
 @app.command()
 def resume(run_id: str, store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
            ray_address: Optional[str] = typer.Option(None, "--ray-address"),
+           verify: bool = typer.Option(False, "--verify", help="Check every stored shard's checksum first and redo corrupt ones"),
            plain: bool = typer.Option(False, "--plain")) -> None:
     """Resume a stored run from its stored spec."""
     from refdir.flows.runner import stored_spec, with_overrides
 
     spec = with_overrides(stored_spec(_store_uri(store), run_id), _store_uri(store), ray_address)
-    _run_and_print(spec, plain)
+    _run_and_print(spec, plain, verify)
 
 
 @app.command()

@@ -73,9 +73,48 @@ def preflight(spec: RunSpec) -> tuple[Store, dict[str, str]]:
     return store, bad
 
 
-def execute(spec: RunSpec, reporter=None) -> dict:
-    """Run (or resume) a spec to completion; failures of single models are in the summary."""
+# stage -> the folder of its job markers (stages without jobs have none)
+_MARKERS = {"extract": "activations/_done", "select": "scores/_done", "evaluate": "completions/_done"}
+_ORDER = ("extract", "aggregate", "select", "evaluate")
+
+
+def verify_run(store: Store, spec: RunSpec) -> dict[str, list[str]]:
+    """Check every job marker's checksums against its shards; corrupt or missing shards lose their marker,
+    and the stage that wrote them and every later stage lose their 'done', so the run recomputes exactly
+    those jobs and what depends on them. Returns {model: [bad marker paths]}."""
+    bad: dict[str, list[str]] = {}
+    for m in spec.models:
+        mdir = layout.model_dir(spec.run_id, m.key)
+        first = None
+        for stage in _ORDER:
+            folder = _MARKERS.get(stage)
+            if folder is None:
+                continue
+            broken = [rel for rel in store.glob(f"{mdir}/{folder}/*.json") if not store.verify(rel)]
+            for rel in broken:
+                store.delete(rel)
+            if broken:
+                bad.setdefault(m.key, []).extend(broken)
+                first = first or stage
+        if first:
+            rel = layout.manifest(spec.run_id, m.key)
+            manifest = store.read_json(rel) if store.exists(rel) else {"model": m.key, "stages": {}}
+            for stage in _ORDER[_ORDER.index(first):]:
+                manifest["stages"].pop(stage, None)
+            store.write_json(rel, manifest)
+            logger.warning("model %s: %d corrupt or missing shard(s) will be recomputed (from stage %s on)",
+                           m.key, len(bad[m.key]), first)
+    return bad
+
+
+def execute(spec: RunSpec, reporter=None, verify: bool = False) -> dict:
+    """Run (or resume) a spec to completion; failures of single models are in the summary.
+
+    With `verify`, every shard's checksum is checked first (reads all data) and corrupt ones are redone.
+    """
     store, bad = preflight(spec)
+    if verify:
+        verify_run(store, spec)
     if not bad and run_complete(store, spec):
         logger.info("run %s is complete in %s; nothing to do", spec.run_id, store.uri)
         return {"run_id": spec.run_id, "store": store.uri,

@@ -149,3 +149,31 @@ def test_selection_and_evaluation_resume_without_duplicates(science_run):
     n, distinct = con.execute("select count(*), count(distinct (position, layer)) from scores where run_id = ?", [r]).fetchone()
     assert n == distinct > 0
     assert summary["models"][k]["rates"]["harmful_test/ablation"]["refusal_rate"] <= 0.05
+
+
+def test_verify_redoes_corrupt_and_missing_shards(science_run):
+    """`refdir run --verify`: a corrupted activation shard and a deleted completion shard are recomputed."""
+    from refdir.flows.runner import verify_run
+
+    spec, store, _ = science_run
+    r, k = spec.run_id, "organism"
+    act_marker = sorted(store.glob(f"{layout.model_dir(r, k)}/activations/_done/*.json"))[1]
+    shard = store.read_json(act_marker)["data"]
+    blob = bytearray(store.read_bytes(shard))
+    blob[len(blob) // 2] ^= 0xFF
+    store.write_bytes(shard, bytes(blob))
+    eval_marker = sorted(store.glob(f"{layout.model_dir(r, k)}/completions/_done/*.json"))[2]
+    store.delete(store.read_json(eval_marker)["data"])
+    assert execute(spec)["models"][k]["status"] == "done"          # without --verify: manifests answer
+    assert not store.verify(act_marker)
+    others = {m: store.read_json(m)["written_at"] for m in store.glob(f"{layout.model_dir(r, k)}/*/_done/*.json")
+              if m not in (act_marker, eval_marker)}
+    time_before = store.read_json(act_marker)["written_at"]
+    assert verify_run(store, spec) == {k: [act_marker, eval_marker]}
+    import time as _time
+    _time.sleep(1.1)
+    summary = execute(spec, verify=True)
+    assert summary["models"][k]["status"] == "done"
+    assert store.verify(act_marker) and store.verify(eval_marker)
+    assert store.read_json(act_marker)["written_at"] != time_before
+    assert all(store.read_json(m)["written_at"] == ts for m, ts in others.items())

@@ -151,11 +151,12 @@ def run_extract(lm: LoadedModel, store: Store, job: ExtractJob) -> Receipt:
     rows, sha = store.write_table(data_rel, activation_table(job, acts, job.activation_dtype), table_name="activations",
                                   run_id=run, row_group_size=len(job.prompts) * n_pos)
     sums = sums_table(job, cap)   # a few hundred rows: one row group, so aggregation reads it in one batch
-    store.write_table(sums_rel, sums, table_name="sums", run_id=run, row_group_size=sums.num_rows)
-    store.write_table(prompts_rel, prompts_table(job, scores, kept), table_name="prompts", run_id=run)
+    _, sums_sha = store.write_table(sums_rel, sums, table_name="sums", run_id=run, row_group_size=sums.num_rows)
+    _, prompts_sha = store.write_table(prompts_rel, prompts_table(job, scores, kept), table_name="prompts", run_id=run)
     seconds = time.perf_counter() - t0
     store.write_json(marker_rel, {
-        "job_id": job.job_id, "data": data_rel, "rows": rows, "sha256": sha, "sums": sums_rel, "prompts": prompts_rel,
+        "job_id": job.job_id, "data": data_rel, "rows": rows, "sha256": sha, "sums": sums_rel, "sums_sha256": sums_sha,
+        "prompts": prompts_rel, "prompts_sha256": prompts_sha,
         "n_prompts": len(job.prompts), "n_kept": int(kept.sum()), "seconds": seconds,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
