@@ -150,8 +150,7 @@ def run_extract(lm: LoadedModel, store: Store, job: ExtractJob) -> Receipt:
     n_pos = acts.shape[2]
     rows, sha = store.write_table(data_rel, activation_table(job, acts, job.activation_dtype), table_name="activations",
                                   run_id=run, row_group_size=len(job.prompts) * n_pos)
-    sums = sums_table(job, cap)   # a few hundred rows: one row group, so aggregation reads it in one batch
-    _, sums_sha = store.write_table(sums_rel, sums, table_name="sums", run_id=run, row_group_size=sums.num_rows)
+    _, sums_sha = store.write_table(sums_rel, sums_table(job, cap), table_name="sums", run_id=run)
     _, prompts_sha = store.write_table(prompts_rel, prompts_table(job, scores, kept), table_name="prompts", run_id=run)
     seconds = time.perf_counter() - t0
     store.write_json(marker_rel, {

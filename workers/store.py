@@ -274,7 +274,8 @@ class Store:
             table = _layer_major(table)
         table = table.replace_schema_metadata(with_metadata(table.schema, table_name, run_id).metadata)
         if row_group_size is None:
-            row_group_size = _rows_per_layer(table)
+            # activations: one layer per row group (single-layer scans skip the rest); small tables: one group
+            row_group_size = _rows_per_layer(table) if table_name == "activations" else max(table.num_rows, 1)
         bss = _bss_columns(table.schema)
         plain = [f.name for f in table.schema if not pa.types.is_nested(f.type)]
         sink = pa.BufferOutputStream()
