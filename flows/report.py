@@ -19,9 +19,8 @@ import json
 import logging
 from datetime import datetime, timezone
 
-
 from refdir.flows import plots
-from refdir.flows.report_data import (DAMAGE, INTERVENTIONS, ModelData, ReportError, dataset_order, drop_counts,  # noqa: F401 (re-exported)
+from refdir.flows.report_data import (DAMAGE, INTERVENTIONS, ModelData, dataset_order, drop_counts,
                                       examples, intervention_order, model_keys, projections, run_doc)
 from refdir.schemas import layout
 

@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from refdir.flows.report import ReportError, projections, render_report, write_report
+from refdir.flows.report import projections, render_report, write_report
+from refdir.flows.report_data import ReportError
 from refdir.schemas import layout
 from refdir.schemas import tables as T
 from refdir.workers.store import Store

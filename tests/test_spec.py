@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel
 
 from refdir.schemas import layout
-from refdir.schemas.spec import (ComputeSpec, ModelSpec, RunSpec, SpecError, StoreSpec, load_spec,
+from refdir.schemas.spec import (ComputeSpec, RunSpec, SpecError, StoreSpec, load_spec,
                                  parse_spec)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -131,9 +131,8 @@ def run_eval(lm: LoadedModel, store: Store, job: EvalJob, d: Direction) -> Recei
     """Generate, judge with every judge, write a completions shard and its marker."""
     run, key = job.run_id, job.model.key
     marker_rel = layout.completion_marker(run, key, job.dataset, job.intervention, job.index)
-    done = store.marker(marker_rel)
-    if done is not None:
-        return Receipt(job_id=job.job_id, uri=store.url(done["data"]), rows=done["rows"], sha256=done["sha256"], skipped=True)
+    if (done := store.receipt_if_done(marker_rel, job.job_id)) is not None:
+        return done
     t0 = time.perf_counter()
     instructions = [p.instruction for p in job.prompts]
     with intervention(lm, job.intervention, d, label_of(job.dataset)):

@@ -138,9 +138,8 @@ def run_extract(lm: LoadedModel, store: Store, job: ExtractJob) -> Receipt:
     """Run one extraction job unless its marker exists; data objects first, marker last."""
     run, key = job.run_id, job.model.key
     marker_rel = layout.activation_marker(run, key, job.split, job.label, job.index)
-    done = store.marker(marker_rel)
-    if done is not None:
-        return Receipt(job_id=job.job_id, uri=store.url(done["data"]), rows=done["rows"], sha256=done["sha256"], skipped=True)
+    if (done := store.receipt_if_done(marker_rel, job.job_id)) is not None:
+        return done
     t0 = time.perf_counter()
     cap = forward_capture(lm, [p.instruction for p in job.prompts], job.batch_size, job.label, job.filter_prompts)
     acts, scores, kept = cap.acts, cap.scores, cap.kept

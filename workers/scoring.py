@@ -73,9 +73,8 @@ def run_score(lm: LoadedModel, store: Store, job: ScoreJob, vectors: dict[tuple[
     """Score job.candidates ((position, layer) keys into `vectors`) unless the job's marker exists."""
     run, key = job.run_id, job.model.key
     marker_rel = layout.score_marker(run, key, job.index)
-    done = store.marker(marker_rel)
-    if done is not None:
-        return Receipt(job_id=job.job_id, uri=store.url(done["data"]), rows=done["rows"], sha256=done["sha256"], skipped=True)
+    if (done := store.receipt_if_done(marker_rel, job.job_id)) is not None:
+        return done
     t0 = time.perf_counter()
     rows = []
     for pos, layer in job.candidates:

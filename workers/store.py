@@ -308,8 +308,16 @@ class Store:
         marker = {"job_id": job_id, "data": data_rel, "rows": rows, "sha256": digest,
                   "written_at": datetime.now(timezone.utc).isoformat(), **extra}
         self.write_json(marker_rel, marker)
+        seconds = extra.get("seconds")   # the job's own time when the caller measured it, else the write's
         return Receipt(job_id=job_id, uri=self.url(data_rel), rows=rows, sha256=digest,
-                       seconds=time.perf_counter() - t0)
+                       seconds=float(seconds) if seconds is not None else time.perf_counter() - t0)
+
+    def receipt_if_done(self, marker_rel: str, job_id: str) -> Receipt | None:
+        """The receipt of a job whose done-marker exists (it is skipped), else None."""
+        done = self.marker(marker_rel)
+        if done is None:
+            return None
+        return Receipt(job_id=job_id, uri=self.url(done["data"]), rows=done["rows"], sha256=done["sha256"], skipped=True)
 
     def marker(self, marker_rel: str) -> dict | None:
         """The marker's content, or None when there is none (or it is unreadable)."""
