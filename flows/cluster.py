@@ -74,6 +74,6 @@ def actor_resources(compute: ComputeSpec, model_key: str | None = None) -> tuple
     if gpus > 0 and per > 0:
         if per > gpus:
             raise RayUnavailable(f"model {model_key!r} needs {per:g} GPUs per actor but the cluster has {gpus:g}")
-        n = compute.num_workers or max(1, int(gpus // per))
+        n = compute.num_workers or max(1, int(gpus // per) // compute.concurrent_models)
         return n, per, compute.cpus_per_worker
     return compute.num_workers or 1, 0.0, compute.cpus_per_worker

@@ -14,9 +14,11 @@ Flows pass specs and store URIs only; Ray actors do the model work (flows/stages
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
@@ -83,16 +85,11 @@ def run_flow(spec: RunSpec | dict, skip: dict[str, str] | None = None) -> dict:
     run_spec = spec if isinstance(spec, RunSpec) else parse_spec(spec)
     store = Store.open(run_spec.store)
     write_run_json(store, run_spec, versions())
-    results = {}
-    for m in run_spec.models:
-        if skip and m.key in skip:
-            results[m.key] = {"model": m.key, "status": "failed", "error": skip[m.key]}
-            continue
-        state = model_flow(spec=run_spec, key=m.key, return_state=True)
-        if state.is_completed():
-            results[m.key] = state.result()
-        else:
-            results[m.key] = {"model": m.key, "status": "failed", "error": _error_text(state)}
+    skip = skip or {}
+    todo = [m.key for m in run_spec.models if m.key not in skip]
+    done = _run_models(run_spec, todo)
+    results = {m.key: done[m.key] if m.key in done else {"model": m.key, "status": "failed", "error": skip[m.key]}
+               for m in run_spec.models}
     from refdir.flows.report import write_report
 
     try:
@@ -100,6 +97,24 @@ def run_flow(spec: RunSpec | dict, skip: dict[str, str] | None = None) -> dict:
     except Exception:  # noqa: BLE001 - a report failure must not sink finished results
         logger.warning("report failed:\n%s", traceback.format_exc())
     return {"run_id": run_spec.run_id, "store": store.uri, "models": results}
+
+
+def _run_model(run_spec: RunSpec, key: str) -> dict:
+    state = model_flow(spec=run_spec, key=key, return_state=True)
+    if state.is_completed():
+        return state.result()
+    return {"model": key, "status": "failed", "error": _error_text(state)}
+
+
+def _run_models(run_spec: RunSpec, keys: list[str]) -> dict[str, dict]:
+    """Model sub-flows one after another, or compute.concurrent_models at a time in threads (each thread
+    gets a copy of the flow's context, so its sub-flow nests under this run in Prefect)."""
+    k = min(run_spec.compute.concurrent_models, len(keys))
+    if k <= 1:
+        return {key: _run_model(run_spec, key) for key in keys}
+    with ThreadPoolExecutor(k, thread_name_prefix="refdir-model") as pool:
+        futures = {key: pool.submit(contextvars.copy_context().run, _run_model, run_spec, key) for key in keys}
+        return {key: f.result() for key, f in futures.items()}
 
 
 def _error_text(state) -> str:

@@ -134,6 +134,7 @@ class ComputeSpec(_Frozen):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per actor.")
     batch_size: int = Field(32, ge=1, description="Prompts per forward pass in extraction and scoring.")
     max_retries: int = Field(2, ge=0, description="Retries of a job after an infrastructure failure (actor died, node lost).")
+    concurrent_models: int = Field(1, ge=1, description="Models run at once (their sub-flows in parallel), each with its share of the cluster's GPUs; 1 = one after another.")
     extract_concurrency: int = Field(3, ge=1, description="Extraction jobs a GPU actor runs at once, so host-side Parquet encoding overlaps the next forward pass; CPU actors run one.")
 
 

@@ -84,6 +84,25 @@ def activation_rows(store: Store, spec: RunSpec, key: str) -> tuple[int, int]:
         "where run_id = ? and model = ?", [spec.run_id, key]).fetchone()
 
 
+def _model_flow_runs(names: set[str]) -> list:
+    """The latest 'refdir-model' flow runs with these names, from the Prefect API."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["refdir-model"])),
+                                               sort=FlowRunSort.START_TIME_DESC, limit=20)
+
+    latest: dict = {}
+    for r in asyncio.run(read()):
+        latest.setdefault(r.name, r)
+    return [latest[n] for n in names]
+
+
 @pytest.fixture
 def tiny_qwen(tmp_path) -> Path:
     from tests.fixtures.tiny import save_tiny
@@ -95,8 +114,13 @@ def test_two_model_run_exact_artifacts(prefect_api, ray_cluster, organism_dir, t
     models = [ModelSpec(key="organism", path=str(organism_dir)),
               ModelSpec(key="tiny-qwen2", path=str(tiny_qwen), family="qwen2")]
     spec = make_spec("two", models, str(tmp_path / "store"), filter_on=False)
-    summary = execute(spec)
+    spec = spec.model_copy(update={"compute": spec.compute.model_copy(update={"concurrent_models": 2})})
+    summary = execute(spec)   # both model sub-flows at once, one CPU actor each
     assert {k: v["status"] for k, v in summary["models"].items()} == {"organism": "done", "tiny-qwen2": "done"}
+    runs = _model_flow_runs({"organism", "tiny-qwen2"})
+    assert all(r.parent_task_run_id is not None for r in runs), "model sub-flows must nest under the run flow"
+    (a, b) = sorted(runs, key=lambda r: r.start_time)
+    assert b.start_time < a.end_time, "with concurrent_models = 2 the two sub-flows overlap"
     store = Store.open(str(tmp_path / "store"))
     stored = {p for p in store.list_files(layout.run_dir(spec.run_id))}
     assert stored == expected_artifacts(spec, store)
