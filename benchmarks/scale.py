@@ -16,9 +16,10 @@ max(batch FLOPs / (MFU x peak x g), (weights + KV cache bytes) / (HBM x efficien
 per-layer overhead (kernel launches and Python in HF's eager `generate`); a model needs
 g GPUs so that weights + KV cache + 10% fit; loading reads the bf16 weights at `load_gb_s`. Strategies:
 - one-model-at-a-time: the paper's code, one process per model on its g GPUs, models in sequence;
-- refdir fan-out: models in sequence (run_flow's sub-flows run one after another), each stage's jobs
+- refdir fan-out: models in sequence (run_flow's default, compute.concurrent_models = 1), each stage's jobs
   spread over floor(N / g) actors (LPT schedule; extraction has 6 jobs, scoring ceil(C / 16), eval 16);
-- models in parallel (bound): max(total GPU-seconds / N, longest model) — what concurrent sub-flows could give.
+- models in parallel (bound): max(total GPU-seconds / N, longest model) — what concurrent sub-flows
+  (compute.concurrent_models > 1) approach.
 """
 
 from __future__ import annotations
