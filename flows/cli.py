@@ -136,15 +136,14 @@ def organism(out_dir: Path = typer.Option(..., "--out", help="Folder to write th
 def _run_and_print(spec, plain: bool, verify: bool = False) -> dict:
     from refdir.flows.progress import make_reporter
     from refdir.flows.runner import execute
-    from refdir.flows.summary import summary_rows
 
     with make_reporter(plain or None) as rep:
         summary = execute(spec, rep, verify=verify)
-    _print_summary(summary, summary_rows)
+    _print_summary(summary)
     return summary
 
 
-def _print_summary(summary: dict, summary_rows) -> None:
+def _print_summary(summary: dict) -> None:
     from refdir.flows.report import summary_table_rows
 
     out.print(f"run [bold]{summary['run_id']}[/bold] in {summary['store']}")

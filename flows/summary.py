@@ -62,13 +62,3 @@ def model_summary(store, spec: RunSpec, key: str) -> dict:
         out["direction"] = {k: d[k] for k in ("position", "layer", "bypass_score", "induce_score", "kl_score", "fallback")}
     out["rates"] = rates(store, spec.run_id, key)
     return out
-
-
-def summary_rows(summary: dict) -> list[dict]:
-    """Flat rows (model, dataset/intervention, refusal_rate) for tables."""
-    rows = []
-    for key, s in summary["models"].items():
-        for name, metrics in sorted(s.get("rates", {}).items()):
-            if "refusal_rate" in metrics:
-                rows.append({"model": key, "eval": name, "refusal_rate": metrics["refusal_rate"]})
-    return rows
