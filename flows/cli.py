@@ -52,9 +52,23 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             AggregateError, ReportError, FileNotFoundError)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now, so log lines go above rich's progress bars (which redirect it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("REFDIR_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=os.environ.get("REFDIR_LOG", "INFO"), handlers=[handler])
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")   # Prefect configures its own loggers on import
     for noisy in ("httpx", "prefect", "urllib3", "botocore", "s3fs", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
