@@ -20,6 +20,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -78,7 +79,7 @@ def main() -> None:
     try:
         app()
     except _user_errors() as e:
-        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False)
         raise SystemExit(2) from None
 
 
@@ -164,7 +165,7 @@ def _print_summary(summary: dict) -> None:
     _print_table(summary_table_rows(summary), "refusal rate by model x intervention")
     failed = {k: v for k, v in summary["models"].items() if v.get("status") != "done"}
     for key, s in failed.items():
-        err.print(f"[red]model {key}: {s.get('status')}[/red] {s.get('error', '')}", highlight=False)
+        err.print(f"[red]model {escape(key)}: {s.get('status')}[/red] {escape(str(s.get('error', '')))}", highlight=False)
     if failed:
         raise typer.Exit(1)
 

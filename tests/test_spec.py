@@ -22,7 +22,6 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from refdir.schemas import layout
 from refdir.schemas.spec import (ComputeSpec, RunSpec, SpecError, StoreSpec, load_spec,
                                  parse_spec)
 
@@ -98,8 +97,8 @@ def _write(tmp_path: Path, text: str, name: str = "spec.toml") -> Path:
 def test_example_and_paper_specs_load():
     example = load_spec(EXAMPLE)
     paper = load_spec(PAPER)
-    assert example.name == "example" and [m.key for m in example.models] == ["organism", "smollm2-135m"]
-    assert example.models[0].path == f"refdir-store/{layout.organism_dir(0)}"
+    assert example.name == "example" and [m.key for m in example.models] == ["qwen2.5-0.5b", "smollm2-135m"]
+    assert example.models[0].path == "Qwen/Qwen2.5-0.5B-Instruct"
     assert paper.name == "paper-13" and len(paper.models) == 13
 
 
@@ -153,7 +152,7 @@ def test_example_uncommented_fields_are_valid_values():
             if commented:
                 lines[i] = lines[i].split("#", 1)[1].strip()
     spec = parse_spec(tomllib.loads("\n".join(lines)), "example.toml uncommented")
-    assert spec.models[0].revision == "main" and spec.models[0].family == "organism"
+    assert spec.models[0].revision == "main" and spec.models[0].family == "qwen2"
     assert spec.store.endpoint_url and spec.store.secret.get_secret_value()
     assert spec.compute.ray_address.startswith("ray://") and spec.compute.num_workers == 1
 
