@@ -77,12 +77,12 @@ def test_rerun_section_recomputes_exactly_the_lost_jobs(tmp_path):
 
 def test_paired_interleaves_and_ratio_uses_rounds():
     order: list[str] = []
-    times = paired({"a": Case(lambda _x: (order.append("a"), time.sleep(0.02))),
+    times = paired({"a": Case(lambda _x: (order.append("a"), time.sleep(0.04))),
                     "b": Case(lambda _x: (order.append("b"), time.sleep(0.01)))}, reps=3, warmup=1)
     assert order == ["a", "b"] * 4
     assert len(times["a"]) == len(times["b"]) == 3
     r = ratio(times, "a", "b")
-    assert 1.3 < r["ratio"] < 3.5 and r["a_s"] > r["b_s"]
+    assert 1.5 < r["ratio"] < 8 and r["a_s"] > r["b_s"]   # 4x nominal; sleeps only overshoot
 
 
 def test_makespan_is_longest_processing_time_first():
