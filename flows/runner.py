@@ -15,7 +15,8 @@ import logging
 import os
 
 from refdir.flows.cluster import check_address, resolve_address
-from refdir.flows.summary import model_summary, run_complete
+from refdir.flows.summary import STAGE_ORDER, model_summary, run_complete
+from refdir.flows.summary import manifest as read_manifest
 from refdir.schemas import layout
 from refdir.schemas.spec import RunSpec, SpecError, parse_spec
 from refdir.workers.judges import check_judge_name
@@ -75,7 +76,6 @@ def preflight(spec: RunSpec) -> tuple[Store, dict[str, str]]:
 
 # stage -> the folder of its job markers (stages without jobs have none)
 _MARKERS = {"extract": "activations/_done", "select": "scores/_done", "evaluate": "completions/_done"}
-_ORDER = ("extract", "aggregate", "select", "evaluate")
 
 
 def verify_run(store: Store, spec: RunSpec) -> dict[str, list[str]]:
@@ -86,7 +86,7 @@ def verify_run(store: Store, spec: RunSpec) -> dict[str, list[str]]:
     for m in spec.models:
         mdir = layout.model_dir(spec.run_id, m.key)
         first = None
-        for stage in _ORDER:
+        for stage in STAGE_ORDER:
             folder = _MARKERS.get(stage)
             if folder is None:
                 continue
@@ -97,11 +97,10 @@ def verify_run(store: Store, spec: RunSpec) -> dict[str, list[str]]:
                 bad.setdefault(m.key, []).extend(broken)
                 first = first or stage
         if first:
-            rel = layout.manifest(spec.run_id, m.key)
-            manifest = store.read_json(rel) if store.exists(rel) else {"model": m.key, "stages": {}}
-            for stage in _ORDER[_ORDER.index(first):]:
+            manifest = read_manifest(store, spec.run_id, m.key)
+            for stage in STAGE_ORDER[STAGE_ORDER.index(first):]:
                 manifest["stages"].pop(stage, None)
-            store.write_json(rel, manifest)
+            store.write_json(layout.manifest(spec.run_id, m.key), manifest)
             logger.warning("model %s: %d corrupt or missing shard(s) will be recomputed (from stage %s on)",
                            m.key, len(bad[m.key]), first)
     return bad

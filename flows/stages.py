@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from refdir.flows import plan
 from refdir.flows.aggregate import aggregate_means
 from refdir.flows.cluster import actor_resources, ensure_ray
+from refdir.flows.summary import manifest as read_manifest
 from refdir.schemas import layout
 from refdir.schemas.jobs import Prompt
 from refdir.schemas.spec import RunSpec
@@ -53,8 +54,7 @@ class ModelRun:
 
     # ---- manifest ---------------------------------------------------------------------------
     def manifest(self) -> dict:
-        rel = layout.manifest(self.run_id, self.key)
-        return self.store.read_json(rel) if self.store.exists(rel) else {"model": self.key, "stages": {}}
+        return read_manifest(self.store, self.run_id, self.key)
 
     def stage_done(self, stage: str) -> bool:
         return self.manifest()["stages"].get(stage, {}).get("status") == "done"
