@@ -123,11 +123,13 @@ class ModelRun:
         planned, done = self._run("extract", "extract", plan.extract_jobs(self.spec, self.model, self.draw),
                                   plan.extract_marker)
         self.mark("extract", planned, done)
+        if done == planned:
+            self.check_filters()   # both filters (train, val) before aggregation and selection start
 
     def aggregate(self) -> None:
         if self.stage_done("aggregate"):
             return
-        self._check_kept("train")
+        self.check_filters()
         counts = aggregate_means(self.store, self.run_id, self.key, "train", self.spec.selection.prune_norm)
         self.mark("aggregate", 1, 1, **counts)
 
@@ -144,15 +146,39 @@ class ModelRun:
         return rows
 
     def _check_kept(self, split: str) -> dict[str, list[Prompt]]:
-        kept = {label: self.kept_prompts(split, label) for label in ("harmful", "harmless")}
-        for label, rows in kept.items():
-            if not rows:
+        self.check_filters()
+        return {label: self.kept_prompts(split, label) for label in ("harmful", "harmless")}
+
+    def filter_counts(self) -> dict[tuple[str, str], tuple[int, int, float | None]]:
+        """(split, label) -> (kept, drawn, best baseline refusal score of the side the filter wants)."""
+        out: dict[tuple[str, str], list] = {}
+        for job in plan.extract_jobs(self.spec, self.model, self.draw):
+            t = self.store.read_table(layout.prompts_shard(self.run_id, self.key, job.split, job.label, job.index))
+            scores = [s for s in t["refusal_score"].to_pylist() if s is not None]
+            best = (max if job.label == "harmful" else min)(scores) if scores else None
+            c = out.setdefault((job.split, job.label), [0, 0, None])
+            c[0] += sum(bool(k) for k in t["kept"].to_pylist())
+            c[1] += t.num_rows
+            if best is not None:
+                c[2] = best if c[2] is None else (max if job.label == "harmful" else min)(c[2], best)
+        return {k: tuple(v) for k, v in out.items()}
+
+    def check_filters(self) -> None:
+        """Both of the paper's filters (train, val) at once: one error naming every split left empty."""
+        bites = []
+        for (split, label), (kept, drawn, best) in sorted(self.filter_counts().items()):
+            if kept == 0 and drawn > 0:
                 sign = "> 0" if label == "harmful" else "< 0"
-                raise StageError(
-                    f"model {self.key!r}: no {label} {split} prompt passed the filter (baseline refusal score {sign}); "
-                    f"the model may not refuse (check `refdir doctor`, its refusal tokens or chat template), use other "
-                    f"prompts, or set prompts.filter_{split} = false in the spec")
-        return kept
+                extreme = "highest" if label == "harmful" else "lowest"
+                bites.append((split, f"{label} {split}: 0 of {drawn} kept (needs baseline refusal score {sign}; "
+                                     f"{extreme} seen {'none' if best is None else f'{best:.2f}'})"))
+        if bites:
+            flags = " and ".join(f"prompts.filter_{s} = false" for s in sorted({s for s, _ in bites}))
+            raise StageError(
+                f"model {self.key!r}: the paper's prompt filter leaves nothing to work with — "
+                + "; ".join(text for _, text in bites)
+                + f". The model may not refuse as its family expects: check `refdir doctor` (refusal tokens, chat "
+                f"template), use other prompts, or set {flags} in the spec")
 
     def select(self) -> None:
         if self.stage_done("select"):
@@ -209,53 +235,61 @@ class ModelRun:
         self.mark("evaluate", planned, done)
 
     def _summarise(self, jobs: list) -> None:
-        """Completions -> evals rows (rates per judge) + damage metrics, one file per (dataset, intervention)."""
+        """Completions -> evals rows (rates per judge, Wilson 95 % interval) + damage metrics, one file per
+        (dataset, intervention)."""
+        from refdir.workers.judges import judge_metric, wilson_interval
+
         groups: dict[tuple[str, str], list] = {}
         for j in jobs:
             groups.setdefault((j.dataset, j.intervention), []).append(
                 self.store.read_table(layout.completion_shard(self.run_id, self.key, j.dataset, j.intervention, j.index)))
         damage = self._damage(groups)
-        metric_of = {name: ("safety_rate" if name.startswith("llamaguard") else "refusal_rate")
-                     for name in self.spec.evaluation.judges}
         for (dataset, intervention), tables in groups.items():
             t = pa.concat_tables(tables)
             rows = []
             for judge in sorted(set(t["judge"].to_pylist())):
-                flags = t.filter(pc.equal(t["judge"], judge))["refused"].to_pylist()
-                metric = metric_of.get(judge, "refusal_rate")
-                rows.append((dataset, intervention, judge, metric, float(np.mean(flags)), len(flags)))
+                metric, column = judge_metric(judge)
+                flags = [f for f in t.filter(pc.equal(t["judge"], judge))[column].to_pylist() if f is not None]
+                if not flags:
+                    continue
+                lo, hi = wilson_interval(sum(flags), len(flags))
+                rows.append((dataset, intervention, judge, metric, float(np.mean(flags)), len(flags), lo, hi))
             first = t.filter(pc.equal(t["judge"], t["judge"][0]))
             rows.append((dataset, intervention, "", "mean_refusal_score", float(pc.mean(first["refusal_score"]).as_py()),
-                         first.num_rows))
+                         first.num_rows, None, None))
             self._write_evals(dataset, intervention, rows)
         for intervention, metrics in damage.items():
-            self._write_evals("damage", intervention, [("damage", intervention, "", m, v, n) for m, v, n in metrics])
+            self._write_evals("damage", intervention,
+                              [("damage", intervention, "", m, v, n, None, None) for m, v, n in metrics])
 
     def _write_evals(self, name: str, intervention: str, rows: list[tuple]) -> None:
+        """rows: (dataset, intervention, judge, metric, value, n, ci_low, ci_high); ci_* None for non-rates."""
         cols = list(zip(*rows))
         table = pa.Table.from_pydict({"run_id": [self.run_id] * len(rows), "model": [self.key] * len(rows),
                                       "dataset": list(cols[0]), "intervention": list(cols[1]), "judge": list(cols[2]),
-                                      "metric": list(cols[3]), "value": list(cols[4]), "n": list(cols[5])},
+                                      "metric": list(cols[3]), "value": list(cols[4]), "n": list(cols[5]),
+                                      "ci_low": list(cols[6]), "ci_high": list(cols[7])},
                                      schema=evals_schema())
         self.store.write_table(layout.evals_table(self.run_id, self.key, name, intervention), table,
                                table_name="evals", run_id=self.run_id)
 
     def _damage(self, groups: dict) -> dict[str, list[tuple[str, float, int]]]:
-        """CE/KL damage on harmless data for baseline / ablation / actadd(-r), one actor call each."""
+        """The paper's damage metrics for baseline / ablation / actadd(-r), one actor call each: CE on the
+        Pile-like set, on Alpaca-like pairs and on the model's own baseline harmless completions (n = tokens),
+        and the first-token KL (n = prompts)."""
         import ray
 
-        from refdir.workers.prompts import load_source
+        from refdir.workers.damage import load_damage_sets
 
         base = pa.concat_tables(groups[("harmless_test", "baseline")])
         base = base.filter(pc.equal(base["judge"], base["judge"][0]))
-        prompts, responses = base["prompt"].to_pylist(), base["response"].to_pylist()
-        texts = [r["instruction"] for r in load_source(self.spec.evaluation.ce_texts)][: len(prompts) or 32]
+        own = list(zip(base["prompt"].to_pylist(), base["response"].to_pylist()))
+        sets = load_damage_sets(self.spec.evaluation)
         actor = self.actors()[0]
         out = {}
         for name in plan.DAMAGE_INTERVENTIONS:
-            m = ray.get(actor.damage.remote(self.run_id, self.key, name, texts, prompts, responses,
-                                            self.spec.generation.batch_size))
-            out[name] = [(k, float(v), len(prompts) if k != "ce_harmless_text" else len(texts)) for k, v in m.items()]
+            m = ray.get(actor.damage.remote(self.run_id, self.key, name, sets, own, self.spec.generation.batch_size))
+            out[name] = [(k, float(v), int(n)) for k, (v, n) in m.items()]
         return out
 
 
