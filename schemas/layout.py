@@ -17,6 +17,8 @@ never data files, so a shard without a marker does not exist.
     runs/{run_id}/{model}/evals/{dataset}-{intervention}.parquet
     runs/{run_id}/{model}/model.parquet                     the model's row of `runs`
     runs/{run_id}/{model}/_manifest.json
+    runs/{run_id}/{model}/_heartbeat.json                  stage running now (refreshed), or how the model failed
+    runs/{run_id}/{model}/error.log                       full traceback of the model's last failure
     runs/{run_id}/report.html
     models/organism-seed{seed}/   the refusal model organism built by `refdir organism`/`refdir demo`
 """
@@ -51,6 +53,15 @@ def model_row(run_id: str, model: str) -> str:
 
 def manifest(run_id: str, model: str) -> str:
     return f"{model_dir(run_id, model)}/_manifest.json"
+
+
+def heartbeat(run_id: str, model: str) -> str:
+    """{state: running|finished|failed, stage, updated_at, ...}: rewritten while a stage runs."""
+    return f"{model_dir(run_id, model)}/_heartbeat.json"
+
+
+def error_log(run_id: str, model: str) -> str:
+    return f"{model_dir(run_id, model)}/error.log"
 
 
 def activation_shard(run_id: str, model: str, split: str, label: str, job: int) -> str:
