@@ -233,14 +233,17 @@ def schedule(spec_path: Path = typer.Argument(...), cron: str = typer.Option(...
 @app.command()
 def sql(query: Optional[str] = typer.Argument(None, help="SQL; omit for an interactive shell"),
         store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
-        format: str = typer.Option("table", "--format", help="table, csv or json")) -> None:
-    """Query every stored table with DuckDB (views: runs, activations, prompts, means, candidates, scores, ...)."""
-    from refdir.flows.sql import interactive, run_sql
+        format: str = typer.Option("table", "--format", help="table, csv or json"),
+        out_file: Optional[Path] = typer.Option(None, "--out", help="Write the result to FILE (.csv, .parquet or .json)")) -> None:
+    """Query every stored table with DuckDB, read-only (views: runs, activations, prompts, means, candidates, ...)."""
+    from refdir.flows.sql import export_result, interactive, run_sql
     from refdir.workers.store import Store
 
     st = Store.open(_store_uri(store), create=False)
     if query is None:
         interactive(st)
+    elif out_file is not None:
+        out.print(f"{export_result(st, query, out_file)} row(s) written to {out_file}")
     else:
         out.print(run_sql(st, query, format), markup=False, highlight=False, soft_wrap=True)
 

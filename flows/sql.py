@@ -6,8 +6,19 @@ shards (means.parquet, scores.parquet, ...) are included as they are. A table wi
 `run_sql` turns a query against it into SqlError("no <table> stored yet in <store> — run ... first").
 The files stay plain Parquet: any DuckDB/pyarrow/polars user can read them without refdir.
 
+Read-only, twice over. Only read statements run (DuckDB's own statement types: SELECT, EXPLAIN of a
+SELECT, CREATE TEMP ...); COPY, ATTACH, INSTALL/LOAD, EXPORT, SET/PRAGMA, persistent CREATE, INSERT ...
+are refused with one line before anything executes. And the connection itself is locked down after the
+views are created: DuckDB reads the store only through a read-only filesystem (writes, deletes and
+folder creation raise), `enable_external_access = false` with the store as the only allowed directory,
+and `lock_configuration = true`, so a statement that slipped past the check still could not write.
+A Parquet file whose footer is unreadable (truncated, empty) is left out of its view with one warning
+naming it; every other view still answers. Results are exported by refdir (`export_result`), never
+by DuckDB into the store.
+
     print(run_sql(store, "SELECT model, layer, count(*) FROM activations GROUP BY ALL", fmt="table"))
-    con = connect_views(store)          # a plain duckdb connection for programmatic use
+    con = connect_views(store)          # a locked-down duckdb connection for programmatic use
+    export_result(store, query, "out.parquet")   # csv / parquet / json by extension
     interactive(store)                  # `refdir sql` without a query: statements end with ';'
 """
 
@@ -18,9 +29,13 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Callable
 
 import duckdb
@@ -91,14 +106,168 @@ def _quote(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
+# ---------------------------------------------------------------- read-only access
+
+_RO_PROTOCOL = "refdirro"      # the store as DuckDB sees it: read-only, through fsspec
+_MUTATORS = ("rm", "_rm", "rm_file", "_rm_file", "rmdir", "_rmdir", "mkdir", "_mkdir", "makedirs", "_makedirs",
+             "mv", "_mv", "mv_file", "copy", "_copy", "cp_file", "_cp_file", "put", "_put", "put_file", "_put_file",
+             "pipe", "_pipe", "pipe_file", "_pipe_file", "touch", "_touch", "write_bytes", "write_text")
+
+
+def _refuse(*_args, **_kwargs):
+    raise PermissionError("refdir sql opens the store read-only")
+
+
+class _SharedReader:
+    """A read-only file that several DuckDB threads may share: each thread keeps its own position and a
+    lock makes every seek+read one step (DuckDB's fsspec bridge reads one handle from many threads)."""
+
+    def __init__(self, f):
+        self._f, self._lock, self._local = f, threading.Lock(), threading.local()
+        self._size = None
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 2:
+            if self._size is None:
+                with self._lock:
+                    self._size = self._f.seek(0, 2)
+            offset += self._size
+        elif whence == 1:
+            offset += self.tell()
+        self._local.pos = offset
+        return offset
+
+    def tell(self) -> int:
+        return getattr(self._local, "pos", 0)
+
+    def read(self, n: int = -1) -> bytes:
+        with self._lock:
+            self._f.seek(self.tell())
+            data = self._f.read(n)
+        self._local.pos = self.tell() + len(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+def _read_only_fs(store: Store):
+    """A copy of the store's filesystem under the `refdirro://` protocol that refuses every write."""
+    base = type(store.fs)
+
+    def _open(self, path, mode="rb", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            _refuse()
+        return _SharedReader(base._open(self, path, mode, *args, **kwargs))
+
+    attrs = {name: _refuse for name in _MUTATORS if hasattr(base, name)}
+    ro = type("ReadOnlyStoreFS", (base,), {"protocol": _RO_PROTOCOL, "cachable": False, "_open": _open, **attrs})
+    return ro(**store.fs.storage_options)
+
+
+def _ro_path(store: Store, rel: str) -> str:
+    """What DuckDB reads for a store-relative path: refdirro:///abs/path or refdirro://bucket/prefix/rel."""
+    url = store.url(rel)
+    return f"{_RO_PROTOCOL}://{url.removeprefix('s3://')}"
+
+
+def _lock_down(con: duckdb.DuckDBPyConnection, store: Store) -> None:
+    """No file access but the read-only store, and no way to change that afterwards."""
+    root = _ro_path(store, "x")[: -len("x")]
+    con.execute(f"SET allowed_directories = [{_quote(root)}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET lock_configuration = true")
+
+
+_READ_TYPES = {"SELECT"}
+_EXPLAIN = re.compile(r"^\s*explain\s+(analy[sz]e\s+)?", re.I)
+_CREATE_TEMP = re.compile(r"^\s*create\s+(or\s+replace\s+)?(temp|temporary)\s+(table|view|macro|function)\b", re.I)
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
+    """SqlError (one line) unless every statement of `query` only reads: SELECT (incl. SHOW, DESCRIBE,
+    SUMMARIZE, VALUES, FROM ...), EXPLAIN [ANALYZE] of one, or CREATE TEMP TABLE/VIEW/MACRO."""
+    try:
+        statements = con.extract_statements(query)
+    except duckdb.Error as e:
+        raise SqlError(_first_line(str(e))) from None
+    for st in statements:
+        kind = st.type.name
+        text = st.query.strip()
+        if kind == "EXPLAIN":
+            inner = con.extract_statements(_EXPLAIN.sub("", text, count=1))
+            if all(i.type.name in _READ_TYPES for i in inner):
+                continue
+        elif kind in _READ_TYPES or (kind == "CREATE" and _CREATE_TEMP.match(text)):
+            continue
+        word = text.split(None, 1)[0].upper() if text else kind
+        raise SqlError(f"refdir sql is read-only: {word} is not allowed (only SELECT, EXPLAIN and CREATE TEMP "
+                       "statements run); use --out FILE to export a result")
+
+
+def _first_line(text: str, limit: int = 500) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------- views
+
+def _readable(store: Store, rel: str) -> str | None:
+    """None when the file ends in a Parquet footer (magic + a length that fits), else why not."""
+    try:
+        with store.fs.open(store.url(rel), "rb") as f:
+            size = f.seek(0, 2)
+            if size < 12:
+                return f"{size} bytes, too short for Parquet"
+            f.seek(size - 8)
+            tail = f.read(8)
+    except Exception as e:  # noqa: BLE001 - any failure to read means the view goes without it
+        return f"{type(e).__name__}: {_first_line(str(e), 200)}"
+    if tail[4:] != b"PAR1":
+        return "no Parquet footer (truncated?)"
+    if int.from_bytes(tail[:4], "little") > size - 12:
+        return "footer length larger than the file (truncated?)"
+    return None
+
+
+def _drop_unreadable(store: Store, views: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The same views without files whose footer cannot be read; one warning per bad file."""
+    files = [f for fs in views.values() for f in fs]
+    with ThreadPoolExecutor(min(16, max(1, len(files)))) as pool:
+        why = dict(zip(files, pool.map(lambda f: _readable(store, f), files)))
+    for f, reason in why.items():
+        if reason:
+            logger.warning("skipping unreadable file %s (%s); the other files and views still answer",
+                           store.url(f), reason)
+    out = {name: [f for f in fs if not why[f]] for name, fs in views.items()}
+    return {name: fs for name, fs in out.items() if fs}
+
+
+def _create_view(con: duckdb.DuckDBPyConnection, store: Store, name: str, files: list[str]) -> None:
+    paths = ", ".join(_quote(_ro_path(store, f)) for f in files)
+    con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet([{paths}], hive_partitioning = false)")
+
+
 def connect_views(store: Store) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with one view per stored table; tables without data get no view."""
-    con = store.duckdb_connect()
+    """A locked-down DuckDB connection with one view per stored table; tables without data get no view."""
+    con = duckdb.connect()
+    con.register_filesystem(_read_only_fs(store))
     con.execute("SET parquet_metadata_cache = true")
-    views = view_files(store)
+    views = _drop_unreadable(store, view_files(store))
     for name, files in views.items():
-        paths = ", ".join(_quote(store.path_for_duckdb(f)) for f in files)
-        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{paths}], hive_partitioning = false)")
+        try:
+            _create_view(con, store, name, files)
+        except duckdb.Error as e:   # a file DuckDB cannot read after all: the other views still answer
+            logger.warning("view %s left out: %s", name, _first_line(str(e), 300))
+    _lock_down(con, store)
     logger.debug("views over %s: %s", store.uri, {k: len(v) for k, v in views.items()})
     return con
 
@@ -108,7 +277,7 @@ def _view_names(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 
 def _sql_error(store: Store, exc: duckdb.Error) -> SqlError:
-    msg = str(exc)
+    msg = str(exc).replace(f"{_RO_PROTOCOL}://", "" if store.is_local else "s3://")
     m = re.search(r"Table with name (\w+) does not exist", msg)
     if m and m.group(1).lower() in VIEWS:
         table = m.group(1).lower()
@@ -171,13 +340,21 @@ def format_json(table: pa.Table) -> str:
 
 # ---------------------------------------------------------------- running queries
 
+def _relation(con: duckdb.DuckDBPyConnection, store: Store, query: str):
+    check_read_only(con, query)
+    try:
+        return con.sql(query)
+    except duckdb.Error as e:
+        raise _sql_error(store, e) from None
+
+
 def _run(con: duckdb.DuckDBPyConnection, store: Store, query: str, fmt: str) -> str:
     if fmt not in ("table", "csv", "json"):
         raise SqlError(f"unknown format {fmt!r}; use table, csv or json")
+    rel = _relation(con, store, query)
+    if rel is None:
+        return ""
     try:
-        rel = con.sql(query)
-        if rel is None:
-            return ""
         if fmt == "table":
             t = rel.limit(MAX_TABLE_ROWS + 1).to_arrow_table()
             return format_table(t.slice(0, MAX_TABLE_ROWS), more=t.num_rows > MAX_TABLE_ROWS)
@@ -196,9 +373,58 @@ def run_sql(store: Store, query: str, fmt: str = "table") -> str:
         con.close()
 
 
+EXPORT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json"}
+
+
+def export_result(store: Store, query: str, out_path: str | Path) -> int:
+    """Write the query's result to a local file (csv / parquet / json by extension); returns its rows.
+
+    refdir writes the file (pyarrow), not DuckDB, and never into a local store."""
+    path = Path(out_path).expanduser().resolve()
+    kind = EXPORT_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise SqlError(f"--out {out_path}: unknown extension; use one of {', '.join(EXPORT_FORMATS)}")
+    if store.is_local and (path == Path(store.uri) or Path(store.uri) in path.parents):
+        raise SqlError(f"--out {out_path} is inside the store {store.uri}; write the export somewhere else")
+    con = connect_views(store)
+    try:
+        rel = _relation(con, store, query)
+        if rel is None:
+            raise SqlError("the statement returns no result to export")
+        try:
+            table = rel.to_arrow_table()
+        except duckdb.Error as e:
+            raise _sql_error(store, e) from None
+    finally:
+        con.close()
+    _write_export(table, path, kind)
+    return table.num_rows
+
+
+def _write_export(table: pa.Table, path: Path, kind: str) -> None:
+    import pyarrow.parquet as pq
+
+    if not path.parent.is_dir():
+        raise SqlError(f"--out {path}: folder {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if kind == "parquet":
+            pq.write_table(table, tmp, compression="zstd")
+        else:
+            tmp.write_text(format_csv(table) if kind == "csv" else format_json(table))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def interactive(store: Store, *, input_fn: Callable[[str], str] = input, out=None) -> None:
     """A small REPL: statements end with ';'; `.tables`, `.format table|csv|json`, `.quit`."""
     out = out or sys.stdout
+    if input_fn is input:
+        try:
+            import readline  # noqa: F401 - line editing and history for input(): arrows no longer garble `.quit`
+        except ImportError:
+            pass
     con = connect_views(store)
     fmt, buf = "table", []
     print(f"refdir sql on {store.uri}; views: {', '.join(_view_names(con)) or '(none yet)'}", file=out)

@@ -133,3 +133,104 @@ def test_marker_mapping_matches_layout():
         layout.activation_marker(r, m, "val", "harmful", 5)
     assert marker_for("means", layout.means_table(r, m)) is None
     assert marker_for("scores", layout.scores_table(r, m)) is None
+
+
+# ---------------------------------------------------------------- read-only and bad files
+
+def _snapshot(store: Store) -> dict[str, str]:
+    import hashlib
+
+    return {rel: hashlib.sha256(store.read_bytes(rel)).hexdigest() for rel in store.list_files("")}
+
+
+WRITES = {
+    "COPY": "COPY (SELECT 1 AS v, 'x' AS model) TO '{root}/runs' (FORMAT parquet, PARTITION_BY (model), OVERWRITE)",
+    "COPY ": "COPY (SELECT 1 AS v) TO '{means}' (FORMAT parquet)",
+    "ATTACH": "ATTACH '{root}/evil.duckdb' AS evil",
+    "INSTALL": "INSTALL httpfs",
+    "CREATE": "CREATE TABLE t AS SELECT * FROM means",
+    "EXPORT": "EXPORT DATABASE '{root}/dump'",
+    "SET": "SET enable_external_access = true",
+    "EXPLAIN": "EXPLAIN ANALYZE COPY (SELECT 1) TO '{root}/x.csv'",
+}
+
+
+def test_read_only_refuses_writes(full_store, caplog):
+    store = full_store
+    before = _snapshot(store)
+    root = store.uri
+    means = store.url(layout.means_table(RUNS[0], "org-a"))
+    for word, q in WRITES.items():
+        with pytest.raises(SqlError) as e:
+            run_sql(store, "SELECT 1; " + q.format(root=root, means=means))
+        msg = str(e.value)
+        assert msg.startswith(f"refdir sql is read-only: {word.strip()} is not allowed") and "\n" not in msg, msg
+    assert _snapshot(store) == before                     # not one byte of the store changed
+    # reads and temp objects still work; the refusal comes before any statement of a script runs
+    assert json.loads(run_sql(store, "CREATE TEMP TABLE t AS SELECT 1 AS x; SELECT x + 1 AS y FROM t", "json")) == [{"y": 2}]
+    assert "physical_plan" in run_sql(store, "EXPLAIN SELECT count(*) FROM means")
+
+
+def test_connection_itself_is_locked(full_store):
+    """Even a statement that skipped the check cannot write: DuckDB's own settings and a read-only store."""
+    store = full_store
+    before = _snapshot(store)
+    con = connect_views(store)
+    try:
+        target = store.url(layout.means_table(RUNS[0], "org-a"))
+        for q in (f"COPY (SELECT 1 AS v) TO '{target}' (FORMAT parquet)", "SET enable_external_access = true",
+                  "SELECT * FROM read_csv('/etc/hostname')", f"ATTACH '{store.uri}/evil.duckdb'"):
+            with pytest.raises(Exception):
+                con.execute(q)
+        assert con.sql("SELECT count(*) FROM means").fetchall() == [(4 * 2 * 6,)]
+    finally:
+        con.close()
+    assert _snapshot(store) == before
+
+
+def _evals_row(store: Store, run_id: str, model: str) -> None:
+    from refdir.schemas.tables import evals_schema
+
+    row = {"run_id": run_id, "model": model, "dataset": "harmful_test", "intervention": "baseline",
+           "judge": "substring", "metric": "refusal_rate", "value": 1.0, "n": 4}
+    store.write_table(layout.evals_table(run_id, model, "harmful_test", "baseline"),
+                      pa.Table.from_pylist([row], schema=evals_schema()), table_name="evals", run_id=run_id)
+
+
+def test_truncated_file_is_skipped(any_store_uri, caplog):
+    store = Store.open(any_store_uri)
+    for model in ("org-a", "org-b"):
+        build_store(store, model=model)
+        aggregate_means(store, "demo-0123abcd", model)
+        _evals_row(store, "demo-0123abcd", model)
+    bad = layout.candidates_table("demo-0123abcd", "org-a")
+    blob = store.read_bytes(bad)
+    store.write_bytes(bad, blob[: len(blob) // 2])
+    with caplog.at_level("WARNING", logger="refdir.flows.sql"):
+        assert run_sql(store, "SELECT count(*) AS n FROM evals", "json") == '[{"n": 2}]'
+    warned = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
+    assert len(warned) == 1 and store.url(bad) in warned[0]
+    assert run_sql(store, "SELECT count(*) AS n FROM candidates", "json") == '[{"n": 6}]'   # org-b's only
+
+
+@pytest.mark.parametrize("ext", ["csv", "parquet", "json"])
+def test_export_result(full_store, tmp_path, ext):
+    import pyarrow.parquet as pq
+
+    from refdir.flows.sql import export_result
+
+    q = "SELECT run_id, model, count(*) AS n FROM activations GROUP BY ALL ORDER BY ALL"
+    out = tmp_path / f"out.{ext}"
+    assert export_result(full_store, q, out) == 4
+    if ext == "parquet":
+        rows = pq.read_table(out).to_pylist()
+    elif ext == "json":
+        rows = json.loads(out.read_text())
+    else:
+        rows = [dict(r, n=int(r["n"])) for r in csv.DictReader(io.StringIO(out.read_text()))]
+    assert rows == [{"run_id": r, "model": m, "n": ROWS_PER_MODEL} for r in RUNS for m in MODELS]
+    with pytest.raises(SqlError, match="read-only"):
+        export_result(full_store, "COPY (SELECT 1) TO 'x.csv'", out)
+    if full_store.is_local:
+        with pytest.raises(SqlError, match="inside the store"):
+            export_result(full_store, q, f"{full_store.uri}/x.{ext}")
