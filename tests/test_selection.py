@@ -17,8 +17,8 @@ SPEC = SelectionSpec()   # paper: layer < int(0.8 L), kl <= 0.1, induce >= 0
 
 def test_each_filter_names_its_reason():
     L = 10
-    assert drop_reason(row(-1, 2, math.nan), L, SPEC) == "nan score"
-    assert drop_reason(row(-1, 2, -1.0, induce=math.nan), L, SPEC) == "nan score"
+    assert drop_reason(row(-1, 2, math.nan), L, SPEC) == "nan score (bypass)"
+    assert drop_reason(row(-1, 2, -1.0, induce=math.nan), L, SPEC) == "nan score (induce)"
     assert drop_reason(row(-1, 8, -1.0), L, SPEC).startswith("layer 8 >= 8")
     assert drop_reason(row(-1, 7, -1.0), L, SPEC) is None           # int(0.8 * 10) = 8: layer 7 survives
     assert drop_reason(row(-1, 2, -1.0, kl=0.11), L, SPEC).startswith("kl 0.11 > 0.1")
@@ -27,11 +27,13 @@ def test_each_filter_names_its_reason():
     assert drop_reason(row(-1, 2, -1.0, induce=0.0), L, SPEC) is None
 
 
-def test_first_reason_wins_in_paper_order():
-    # NaN before layer, layer before KL, KL before induce
-    assert drop_reason(row(-1, 9, math.nan, kl=5), 10, SPEC) == "nan score"
-    assert drop_reason(row(-1, 9, -1, kl=5, induce=-1), 10, SPEC).startswith("layer")
-    assert drop_reason(row(-1, 2, -1, kl=5, induce=-1), 10, SPEC).startswith("kl")
+def test_every_reason_is_listed_in_paper_order():
+    # NaN, layer, KL, induce: a candidate failing several filters names each of them
+    assert drop_reason(row(-1, 9, math.nan, kl=5), 10, SPEC) == (
+        "nan score (bypass); layer 9 >= 8 (max_layer_fraction 0.8); kl 5 > 0.1")
+    assert drop_reason(row(-1, 9, -1, kl=5, induce=-1), 10, SPEC) == (
+        "layer 9 >= 8 (max_layer_fraction 0.8); kl 5 > 0.1; induce -1 < 0.0")
+    assert drop_reason(row(-1, 2, -1, kl=5, induce=-1), 10, SPEC) == "kl 5 > 0.1; induce -1 < 0.0"
 
 
 def test_lowest_bypass_among_survivors_wins():
@@ -44,13 +46,20 @@ def test_lowest_bypass_among_survivors_wins():
     assert len(annotated) == 4
 
 
-def test_ties_break_by_lower_layer_then_position():
-    rows = [row(-1, 5, -2.0), row(-2, 3, -2.0), row(-4, 3, -2.0)]
-    choice, _ = select_direction(rows, 10, SPEC)
-    assert (choice.position, choice.layer) == (-4, 3)
-    # input order does not matter
-    choice2, _ = select_direction(list(reversed(rows)), 10, SPEC)
-    assert (choice2.position, choice2.layer) == (-4, 3)
+def _paper_choice(rows):
+    """The paper's code: sort (-refusal_score, pos, layer) tuples in descending order, take the first."""
+    return sorted(((-r["bypass_score"], r["position"], r["layer"]) for r in rows), reverse=True)[0][1:]
+
+
+def test_ties_break_as_the_papers_code_higher_position_then_higher_layer():
+    rows = [row(-1, 3, -2.0), row(-2, 5, -2.0), row(-1, 5, -2.0), row(-4, 6, -2.0), row(-3, 1, -1.0)]
+    assert _paper_choice(rows) == (-1, 5)
+    for order in (rows, list(reversed(rows))):   # input order does not matter
+        choice, _ = select_direction(order, 10, SPEC)
+        assert (choice.position, choice.layer) == _paper_choice(rows)
+    same_pos = [row(-2, 2, -2.0), row(-2, 4, -2.0), row(-5, 6, -2.0)]
+    assert (select_direction(same_pos, 10, SPEC)[0].position, select_direction(same_pos, 10, SPEC)[0].layer) \
+        == _paper_choice(same_pos) == (-2, 4)
 
 
 def test_all_filtered_error_shows_five_best_with_reasons():
@@ -58,9 +67,19 @@ def test_all_filtered_error_shows_five_best_with_reasons():
     with pytest.raises(SelectionError) as e:
         select_direction(rows, 10, SPEC)
     msg = str(e.value)
-    assert "all 8 candidates were filtered out" in msg
+    assert "all 8 candidates were filtered out" in msg and "kl > kl_threshold (0.1): 8" in msg
     assert msg.count("-> kl") == 5 and "layer   7" in msg and "layer   2" not in msg
     assert "allow_fallback" in msg
+
+
+def test_all_filtered_error_names_every_reason_of_each_candidate():
+    rows = [row(-1, 9, -5.0, kl=0.3, induce=-1.0), row(-2, 1, -4.0, induce=-0.5), row(-1, 2, math.nan)]
+    with pytest.raises(SelectionError) as e:
+        select_direction(rows, 10, SPEC)
+    msg = str(e.value)
+    assert "-> layer 9 >= 8 (max_layer_fraction 0.8); kl 0.3 > 0.1; induce -1 < 0.0" in msg
+    assert "-> induce -0.5 < 0.0" in msg and "-> nan score (bypass)" in msg
+    assert "induce < induce_threshold (0.0): 2" in msg and "NaN score: 1" in msg and ": 1" in msg
 
 
 def test_fallback_picks_best_finite_bypass_and_marks_it():
