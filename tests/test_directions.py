@@ -3,7 +3,6 @@
 import math
 
 import numpy as np
-
 import pytest
 import torch
 
@@ -31,18 +30,41 @@ def test_refusal_score_is_finite_at_the_extremes_and_rejects_bad_input():
         refusal_scores(logits[None], [0])
 
 
-def test_kl_by_hand_and_against_torch():
+def _paper_kl(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """The paper's kl_div_fn by hand in numpy: sum p_a (log(p_a + 1e-6) - log(p_b + 1e-6)) per row."""
+    def softmax(x):
+        x = x.astype(np.float64)
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+    pa, pb = softmax(a.numpy()), softmax(b.numpy())
+    return (pa * (np.log(pa + 1e-6) - np.log(pb + 1e-6))).sum(-1)
+
+
+def test_kl_is_the_papers_eps_formula_by_hand_and_near_torch():
     p = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64).log()
     q = torch.tensor([[0.25, 0.5, 0.25]], dtype=torch.float64).log()
-    expected = 0.5 * math.log(2) + 0.25 * math.log(0.5)
-    assert kl_div_last(p, q).item() == pytest.approx(expected, abs=1e-12)
+    e = 1e-6
+    expected = 0.5 * math.log((0.5 + e) / (0.25 + e)) + 0.25 * math.log((0.25 + e) / (0.5 + e))
+    assert kl_div_last(p, q).item() == pytest.approx(expected, abs=1e-15)
     a, b = torch.randn(4, 11), torch.randn(4, 11)
     ref = torch.nn.functional.kl_div(b.double().log_softmax(-1), a.double().log_softmax(-1),
                                      log_target=True, reduction="none").sum(-1)
-    torch.testing.assert_close(kl_div_last(a, b), ref)
+    torch.testing.assert_close(kl_div_last(a, b), ref, atol=1e-5, rtol=1e-4)   # eps moves it by ~1e-6 here
     assert kl_div_last(a, a).abs().max() < 1e-12
     with pytest.raises(ValueError, match="one shape"):
         kl_div_last(a, b[:, :5])
+
+
+def test_kl_eps_matters_on_a_large_vocabulary_as_in_the_paper():
+    """With 32k tokens the tail mass sits below 1e-6; the eps formula then differs from the exact KL by a few
+    percent, and refdir must give the paper's number (the 0.1 KL filter is applied to it)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 32000, generator=g, dtype=torch.float64) * 3
+    b = a + torch.randn(8, 32000, generator=g, dtype=torch.float64) * 0.35
+    exact = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    got = kl_div_last(a, b)
+    np.testing.assert_allclose(got.numpy(), _paper_kl(a, b), rtol=1e-10)
+    assert (exact - got).abs().max() > 1e-3 * exact.abs().max()   # the eps is visible: not the exact KL
 
 
 def test_diff_in_means_from_uneven_shards_equals_the_plain_mean_difference():
