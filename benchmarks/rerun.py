@@ -43,7 +43,7 @@ def make_spec(name: str, organism: Path, store: str):
                    extraction=ExtractionSpec(prompts_per_job=8, candidates_per_job=4),
                    selection=SelectionSpec(allow_fallback=True),
                    generation=GenerationSpec(max_new_tokens=6, batch_size=16),
-                   evaluation=EvaluationSpec(prompts_per_job=8, ce_texts=SRC.format("harmless", "val")),
+                   evaluation=EvaluationSpec(prompts_per_job=8),
                    store=StoreSpec(uri=store), compute=ComputeSpec(batch_size=16, num_workers=1))
 
 

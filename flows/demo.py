@@ -52,7 +52,7 @@ def demo_spec(store_uri: str, seed: int = 0, max_new_tokens: int = 8) -> RunSpec
                            n_train=64, n_val=32, n_test=32),
         extraction=ExtractionSpec(prompts_per_job=32, candidates_per_job=10),
         generation=GenerationSpec(max_new_tokens=max_new_tokens, batch_size=32),
-        evaluation=EvaluationSpec(prompts_per_job=32, ce_texts=src.format("harmless", "val")),
+        evaluation=EvaluationSpec(prompts_per_job=32),
         store=StoreSpec(uri=store.uri),
         compute=ComputeSpec(batch_size=32, num_workers=1, cpus_per_worker=1),
     )

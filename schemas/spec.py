@@ -110,9 +110,12 @@ class GenerationSpec(_Frozen):
 class EvaluationSpec(_Frozen):
     """What is evaluated after selection."""
 
-    judges: list[str] = Field(["substring"], description="Judges: 'substring' always; classifier judges as 'hf-classifier:PATH' or 'llamaguard:PATH'.")
+    judges: list[str] = Field(["substring"], description="Judges: 'substring' always; classifier judges as 'hf-classifier:PATH' or 'llamaguard:PATH' (Llama Guard judges harmful test prompts only, as in the paper).")
     prompts_per_job: int = Field(50, ge=1, description="Prompts per evaluation job.")
-    ce_texts: str = Field("builtin:harmless_val", description="Harmless texts for the CE-loss damage metric.")
+    ce_pile_source: str = Field("builtin:pile_like", description="Plain-text documents for ce_pile: builtin:pile_like (short texts refdir wrote, NOT the Pile), file:PATH or hf:DATASET (paper: hf:monology/pile-uncopyrighted).")
+    ce_alpaca_source: str = Field("builtin:alpaca_like", description="Instruction/output pairs for ce_alpaca: builtin:alpaca_like (pairs refdir wrote, NOT Alpaca), file:PATH or hf:DATASET (paper: hf:tatsu-lab/alpaca).")
+    ce_n: int = Field(64, ge=1, description="Documents and pairs used per CE metric (paper: 256 batches of 16).")
+    ce_max_tokens: int = Field(256, ge=2, description="Pile documents are cut to this many tokens (paper: 256).")
 
 
 class StoreSpec(_Frozen):

@@ -134,7 +134,8 @@ def completions_schema() -> pa.Schema:
         pa.field("response", pa.string()),
         pa.field("refusal_score", pa.float64()),  # log-odds of the refusal tokens at the last prompt position
         pa.field("judge", pa.string()),
-        pa.field("refused", pa.bool_()),
+        pa.field("refused", pa.bool_()),          # refusal judges (substring, hf-classifier); null for jailbreak judges
+        pa.field("jailbroken", pa.bool_()),       # jailbreak judges (llamaguard: unsafe and >= 15 words); else null
         pa.field("judge_detail", pa.string()),
     ])
 
@@ -147,6 +148,8 @@ def evals_schema() -> pa.Schema:
         pa.field("metric", pa.string()),
         pa.field("value", pa.float64()),
         pa.field("n", pa.int64()),
+        pa.field("ci_low", pa.float64()),         # Wilson 95 % interval of a rate; null for other metrics
+        pa.field("ci_high", pa.float64()),
     ])
 
 

@@ -254,7 +254,7 @@ def real_run(prefect_api, ray_cluster, organism_dir, tmp_path_factory):
                    prompts=PromptSpec(**prompts, n_train=32, n_val=16, n_test=16, filter_train=False, filter_val=False),
                    extraction=ExtractionSpec(prompts_per_job=16, candidates_per_job=8),
                    selection=SelectionSpec(allow_fallback=True), generation=GenerationSpec(max_new_tokens=6, batch_size=16),
-                   evaluation=EvaluationSpec(prompts_per_job=16, ce_texts=src.format("harmless", "val")),
+                   evaluation=EvaluationSpec(prompts_per_job=16),
                    store=StoreSpec(uri=str(tmp / "store")), compute=ComputeSpec(batch_size=16, num_workers=1))
     summary = execute(spec)
     return Store.open(str(tmp / "store")), spec, summary

@@ -21,6 +21,7 @@ import torch
 from refdir.schemas import layout
 from refdir.schemas.jobs import EvalJob, ExtractJob, Receipt, ScoreJob
 from refdir.schemas.spec import ModelSpec, StoreSpec
+from refdir.workers.damage import DamageSets
 from refdir.workers.evaluate import Direction, damage_metrics, run_eval
 from refdir.workers.extract import run_extract
 from refdir.workers.model import load_model
@@ -41,6 +42,7 @@ class ModelWorker:
         self._baseline: dict[str, Baseline] = {}
         self._vectors: dict[str, dict] = {}
         self._directions: dict[str, Direction] = {}
+        self._judges: dict = {}   # judge name -> loaded judge: a judge model loads once per actor
 
     def ping(self) -> dict:
         """Small facts about the loaded model and the process (pid for fault tests)."""
@@ -62,12 +64,13 @@ class ModelWorker:
         return run_score(self.lm, self.store, job, self._vectors[key], self._baseline[key])
 
     def evaluate(self, job: EvalJob) -> Receipt:
-        return run_eval(self.lm, self.store, job, self._direction(job.run_id, job.model.key))
+        return run_eval(self.lm, self.store, job, self._direction(job.run_id, job.model.key), self._judges)
 
-    def damage(self, run_id: str, model_key: str, intervention: str, texts: list[str], prompts: list[str],
-               baseline_responses: list[str], batch_size: int) -> dict:
+    def damage(self, run_id: str, model_key: str, intervention: str, sets: DamageSets,
+               own: list[tuple[str, str]], batch_size: int) -> dict:
+        """metric -> (value, n): the paper's CE losses and the first-token KL under `intervention`."""
         d = self._direction(run_id, model_key)
-        return damage_metrics(self.lm, d, intervention, texts, prompts, baseline_responses, batch_size)
+        return damage_metrics(self.lm, d, intervention, sets, own, batch_size)
 
     def _load_candidates(self, run_id: str, model_key: str) -> dict[tuple[int, int], np.ndarray]:
         t = self.store.read_table(layout.candidates_table(run_id, model_key))

@@ -1,7 +1,7 @@
 """Evaluation jobs: greedy completions under an intervention, judged, plus damage metrics.
 
-    receipt = run_eval(lm, store, job, direction)     # EvalJob -> completions shard + marker
-    metrics = damage_metrics(lm, direction, intervention, texts, completions)
+    receipt = run_eval(lm, store, job, direction, judges)   # EvalJob -> completions shard + marker
+    metrics = damage_metrics(lm, direction, intervention, sets, own_completions, batch_size)
 
 Interventions (DESIGN §4): baseline; ablation (r̂ projected out of every block input and attention/MLP
 output, generated tokens included); actadd (coeff * r at the input of layer l*: -1 on harmful prompts to
@@ -22,9 +22,10 @@ import torch
 from refdir.schemas import layout
 from refdir.schemas.jobs import EvalJob, Receipt
 from refdir.schemas.tables import completions_schema
+from refdir.workers.damage import DamageSets, pile_ce, response_ce
 from refdir.workers.directions import kl_div_last, refusal_scores
 from refdir.workers.hooks import ablate, actadd
-from refdir.workers.judges import get_judge
+from refdir.workers.judges import Judge, get_judge
 from refdir.workers.model import LoadedModel
 from refdir.workers.hooks import module_at
 from refdir.workers.orthogonalize import orthogonalize_, untie_embeddings_
@@ -109,7 +110,7 @@ def intervention(lm: LoadedModel, name: str, d: Direction, dataset_label: str):
 
 
 def generate(lm: LoadedModel, instructions: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions, batched with left padding, sorted by length to cut padding."""
+    """Greedy completions (whitespace-stripped), batched with left padding, sorted by length to cut padding."""
     order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))
     out: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
@@ -119,7 +120,7 @@ def generate(lm: LoadedModel, instructions: list[str], max_new_tokens: int, batc
             gen = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                     pad_token_id=lm.tokenizer.pad_token_id)
         texts = lm.tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        out.update(zip(idx, texts))
+        out.update(zip(idx, (t.strip() for t in texts)))   # stripped, as the paper stores and judges them
     return [out[i] for i in range(len(instructions))]
 
 
@@ -127,11 +128,21 @@ def label_of(dataset: str) -> str:
     return "harmful" if dataset.startswith("harmful") else "harmless"
 
 
-def run_eval(lm: LoadedModel, store: Store, job: EvalJob, d: Direction) -> Receipt:
-    """Generate, judge with every judge, write a completions shard and its marker."""
+def _judge(lm: LoadedModel, cache: dict[str, Judge] | None, name: str) -> Judge:
+    """A judge from the actor's cache, loaded on first use (model judges in lm's dtype on lm's device)."""
+    cache = {} if cache is None else cache
+    if name not in cache:
+        cache[name] = get_judge(name, device=str(lm.device), dtype=lm.dtype)
+    return cache[name]
+
+
+def run_eval(lm: LoadedModel, store: Store, job: EvalJob, d: Direction, judges: dict[str, Judge] | None = None) -> Receipt:
+    """Generate, judge with every judge that applies to the dataset, write a completions shard and its marker.
+
+    `judges` is the actor's judge cache (name -> loaded judge), so a judge model loads once per actor."""
     run, key = job.run_id, job.model.key
     marker_rel = layout.completion_marker(run, key, job.dataset, job.intervention, job.index)
-    if (done := store.receipt_if_done(marker_rel, job.job_id)) is not None:
+    if (done := store.receipt_if_done(marker_rel, job.job_id, job.input_digest)) is not None:
         return done
     t0 = time.perf_counter()
     instructions = [p.instruction for p in job.prompts]
@@ -139,63 +150,34 @@ def run_eval(lm: LoadedModel, store: Store, job: EvalJob, d: Direction) -> Recei
         scores = refusal_scores(last_logits(lm, instructions, job.batch_size), lm.refusal_token_ids).tolist()
         responses = generate(lm, instructions, job.max_new_tokens, job.batch_size)
     cols: dict[str, list] = {k: [] for k in completions_schema().names}
-    for judge in (get_judge(name) for name in job.judges):
+    for judge in (_judge(lm, judges, name) for name in job.judges):
+        if not judge.applies_to(label_of(job.dataset)):
+            continue
         for p, resp, score, v in zip(job.prompts, responses, scores, judge.judge(instructions, responses)):
             for k, val in (("run_id", run), ("model", key), ("dataset", job.dataset), ("intervention", job.intervention),
                            ("prompt_id", p.prompt_id), ("category", p.category), ("prompt", p.instruction),
                            ("response", resp), ("refusal_score", score), ("judge", judge.name),
-                           ("refused", v.refused), ("judge_detail", v.detail)):
+                           ("refused", v.refused), ("jailbroken", v.jailbroken), ("judge_detail", v.detail)):
                 cols[k].append(val)
     table = pa.Table.from_pydict(cols, schema=completions_schema())
     data_rel = layout.completion_shard(run, key, job.dataset, job.intervention, job.index)
     receipt = store.commit(data_rel, table, marker_rel, table_name="completions", run_id=run, job_id=job.job_id,
+                           input_digest=job.input_digest,
                            seconds=time.perf_counter() - t0)
     logger.info("%s %s: %d completions in %.2fs", key, job.job_id, len(responses), time.perf_counter() - t0)
     return receipt
 
 
-def _response_ce(lm: LoadedModel, prompts: list[str], responses: list[str], batch_size: int) -> float:
-    """Mean CE (nats/token) of `responses` given chat-formatted `prompts`, response tokens only."""
-    total, count = 0.0, 0
-    for start in range(0, len(prompts), batch_size):
-        enc = lm.encode(prompts[start : start + batch_size])
-        resp = lm.tokenizer(responses[start : start + batch_size], add_special_tokens=False, padding=True,
-                            padding_side="right", return_tensors="pt").to(lm.device)
-        ids = torch.cat([enc["input_ids"], resp["input_ids"]], dim=1)
-        mask = torch.cat([enc["attention_mask"], resp["attention_mask"]], dim=1)
-        with torch.inference_mode():
-            logits = lm.model(input_ids=ids, attention_mask=mask).logits.float()
-        n_prompt = enc["input_ids"].shape[1]
-        pred = logits[:, n_prompt - 1 : -1]                         # (batch, n_resp, vocab)
-        nll = torch.nn.functional.cross_entropy(pred.transpose(1, 2), resp["input_ids"], reduction="none")
-        total += (nll * resp["attention_mask"]).sum().item()
-        count += int(resp["attention_mask"].sum().item())
-    return total / max(count, 1)
-
-
-def _text_ce(lm: LoadedModel, texts: list[str], batch_size: int) -> float:
-    """Mean CE (nats/token) of plain text (no chat template), every token after the first."""
-    total, count = 0.0, 0
-    for start in range(0, len(texts), batch_size):
-        enc = lm.tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                           padding_side="right").to(lm.device)
-        with torch.inference_mode():
-            logits = lm.model(**enc).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), enc["input_ids"][:, 1:], reduction="none")
-        m = enc["attention_mask"][:, 1:]
-        total += (nll * m).sum().item()
-        count += int(m.sum().item())
-    return total / max(count, 1)
-
-
-def damage_metrics(lm: LoadedModel, d: Direction, name: str, texts: list[str], prompts: list[str],
-                   baseline_responses: list[str], batch_size: int) -> dict[str, float]:
-    """CE on harmless text, CE on the model's own baseline harmless completions, first-token KL vs baseline."""
+def damage_metrics(lm: LoadedModel, d: Direction, name: str, sets: DamageSets, own: list[tuple[str, str]],
+                   batch_size: int) -> dict[str, tuple[float, int]]:
+    """metric -> (value, n) under intervention `name` (actadd is the bypass, -r, as in the paper's loss evals):
+    ce_pile, ce_alpaca, ce_on_distribution (n = tokens scored) and kl_first_token (n = prompts)."""
+    prompts = [p for p, _ in own]
     base = last_logits(lm, prompts, batch_size)
-    with intervention(lm, name, d, "harmful"):   # actadd damage is that of the bypass, -r
-        out = {
-            "ce_harmless_text": _text_ce(lm, texts, batch_size),
-            "ce_own_completions": _response_ce(lm, prompts, baseline_responses, batch_size),
-            "kl_first_token": kl_div_last(base, last_logits(lm, prompts, batch_size)).mean().item(),
+    with intervention(lm, name, d, "harmful"):
+        return {
+            "ce_pile": pile_ce(lm, sets.pile, sets.max_tokens, batch_size),
+            "ce_alpaca": response_ce(lm, sets.alpaca, batch_size),
+            "ce_on_distribution": response_ce(lm, own, batch_size),
+            "kl_first_token": (kl_div_last(base, last_logits(lm, prompts, batch_size)).mean().item(), len(prompts)),
         }
-    return out

@@ -72,7 +72,7 @@ def main() -> None:
         extraction=ExtractionSpec(prompts_per_job=32, candidates_per_job=16),
         selection=SelectionSpec(allow_fallback=True),
         generation=GenerationSpec(max_new_tokens=64, batch_size=64),
-        evaluation=EvaluationSpec(prompts_per_job=32, ce_texts=src.format("harmless", "val")),
+        evaluation=EvaluationSpec(prompts_per_job=32),
         store=StoreSpec(uri=str(work / "store")),
         compute=ComputeSpec(gpus_per_worker=1.0, batch_size=64))
     store = Store.open(spec.store)
