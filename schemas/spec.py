@@ -29,7 +29,9 @@ class SpecError(ValueError):
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # strict: no coercion (`true` or "3" where a number is expected is an error, as is 1.5 for an integer);
+    # allow_inf_nan=False: `nan` / `inf` in a float field is an error, not a silently NaN-poisoned run.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Frozen):

@@ -298,6 +298,22 @@ def test_negative_or_zero_sizes(field, value):
     assert field in msg, msg
 
 
+@pytest.mark.parametrize("table, line, field", [
+    ("selection", "kl_threshold = nan", "selection.kl_threshold"),
+    ("selection", "prune_norm = inf", "selection.prune_norm"),
+    ("compute", "batch_size = true", "compute.batch_size"),
+    ("compute", "cpus_per_worker = false", "compute.cpus_per_worker"),
+    ("prompts", 'n_train = "128"', "prompts.n_train"),
+    ("generation", "max_new_tokens = 1.5", "generation.max_new_tokens"),
+    ("prompts", "filter_val = 1", "prompts.filter_val"),
+])
+def test_strict_types_from_toml(tmp_path, table, line, field):
+    """TOML's own nan/inf/booleans/strings never pass as numbers (no coercion, no NaN-poisoned runs)."""
+    text = f'name = "t"\n[[models]]\npath = "some/model"\n[{table}]\n{line}\n'
+    msg = _spec_error(_write(tmp_path, text))
+    assert field in msg and len(msg.splitlines()) == 2, msg
+
+
 def test_bad_toml_syntax(tmp_path):
     path = _write(tmp_path, 'name = "t"\n[[models]\npath = "x"\n')
     msg = _spec_error(path)
