@@ -79,8 +79,18 @@ def main() -> None:
     try:
         app()
     except _user_errors() as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False)
+        err.print(f"[red]error:[/red] {escape(bounded(str(e)))}", markup=True, highlight=False)
         raise SystemExit(2) from None
+
+
+MAX_MESSAGE = 4000   # characters of an error message that reach the terminal (full text: the model's error.log)
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
+    """The one cap on error text printed by the CLI: a 10 MB prompt quoted in an error stays off the terminal."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 60]}… [{len(text) - limit + 60:,} more characters not shown]"
 
 
 def _store_uri(store: Optional[str]) -> str:
@@ -165,7 +175,7 @@ def _print_summary(summary: dict) -> None:
     _print_table(summary_table_rows(summary), "refusal rate by model x intervention")
     failed = {k: v for k, v in summary["models"].items() if v.get("status") != "done"}
     for key, s in failed.items():
-        err.print(f"[red]model {escape(key)}: {s.get('status')}[/red] {escape(str(s.get('error', '')))}", highlight=False)
+        err.print(f"[red]model {escape(key)}: {s.get('status')}[/red] {escape(bounded(str(s.get('error', ''))))}", highlight=False)
     if failed:
         raise typer.Exit(1)
 

@@ -63,7 +63,7 @@ def model_flow(spec: RunSpec, key: str) -> dict:
     """One model's stages, in order; actors are released when the model is done or fails."""
     run_spec = spec
     store = Store.open(run_spec.store)
-    mr = ModelRun(run_spec, key, store, draw_prompts(run_spec.prompts), _PROGRESS["reporter"])
+    mr = ModelRun(run_spec, key, store, draw_prompts(run_spec.prompts, run_spec.models), _PROGRESS["reporter"])
     try:
         extract_task(mr)
         aggregate_task(mr)

@@ -56,7 +56,7 @@ def preflight(spec: RunSpec) -> tuple[Store, dict[str, str]]:
     """
     for name in spec.evaluation.judges:
         check_judge_name(name)
-    draw_prompts(spec.prompts)
+    draw_prompts(spec.prompts, spec.models)
     bad: dict[str, str] = {}
     for m in spec.models:
         try:
@@ -156,7 +156,7 @@ def _live_counts(store: Store, spec: RunSpec, key: str, draw) -> dict[str, tuple
 
 def status_rows(store: Store, spec: RunSpec) -> list[dict]:
     """Planned / done per model and stage: the manifest where a stage finished, else live marker counts."""
-    draw = draw_prompts(spec.prompts)
+    draw = draw_prompts(spec.prompts, spec.models)
     rows = []
     for m in spec.models:
         s = model_summary(store, spec, m.key)

@@ -82,6 +82,7 @@ class PromptSpec(_Frozen):
     category_column: str = Field("category", description="Column holding the category (optional in the data).")
     filter_train: bool = Field(True, description="Keep harmful train prompts with refusal score > 0 and harmless < 0.")
     filter_val: bool = Field(True, description="Apply the same filter to the validation prompts.")
+    max_prompt_tokens: int = Field(2048, ge=1, description="Longest instruction, in tokens of every model of the run; longer rows are reported by source row and dropped before the draw, never truncated.")
 
 
 class ExtractionSpec(_Frozen):

