@@ -172,7 +172,7 @@ def _print_summary(summary: dict) -> None:
     from refdir.flows.report import summary_table_rows
 
     out.print(f"run [bold]{summary['run_id']}[/bold] in {summary['store']}")
-    _print_table(summary_table_rows(summary), "refusal rate by model x intervention")
+    _print_table(summary_table_rows(summary), "refusal rate by model x intervention (Wilson 95 % interval)")
     failed = {k: v for k, v in summary["models"].items() if v.get("status") != "done"}
     for key, s in failed.items():
         err.print(f"[red]model {escape(key)}: {s.get('status')}[/red] {escape(bounded(str(s.get('error', ''))))}", highlight=False)

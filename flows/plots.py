@@ -135,27 +135,36 @@ def bypass_lines(grid: np.ndarray, positions: list[int], layers: list[int], sele
     return to_data_uri(fig)
 
 
-def _bar_panel(ax, rates: dict[str, dict[str, float]], interventions: list[str], title: str) -> None:
-    """Grouped bars: x = intervention, one bar per model; rates: {model: {intervention: rate}}."""
+def _bar_panel(ax, rates: dict[str, dict[str, float]], interventions: list[str], title: str,
+               errors: dict[str, dict[str, tuple[float, float]]] | None = None) -> None:
+    """Grouped bars: x = intervention, one bar per model; rates: {model: {intervention: rate}}; errors:
+    {model: {intervention: (ci_low, ci_high)}} drawn as error bars (Wilson 95 % intervals)."""
     models = list(rates)
     width = 0.8 / max(len(models), 1)
     colors = plt.get_cmap("tab10")
     x = np.arange(len(interventions))
     for k, model in enumerate(models):
         vals = np.array([rates[model].get(iv, np.nan) for iv in interventions], dtype=float)
-        bars = ax.bar(x - 0.4 + width * (k + 0.5), np.nan_to_num(vals), width, label=model, color=colors(k % 10))
+        ci = [(errors or {}).get(model, {}).get(iv) for iv in interventions]
+        lo = np.array([v - c[0] if c and np.isfinite(v) else 0.0 for v, c in zip(vals, ci)])
+        hi = np.array([c[1] - v if c and np.isfinite(v) else 0.0 for v, c in zip(vals, ci)])
+        bars = ax.bar(x - 0.4 + width * (k + 0.5), np.nan_to_num(vals), width, label=model, color=colors(k % 10),
+                      yerr=np.vstack([lo, hi]) if any(ci) else None, capsize=3, error_kw={"elinewidth": 1})
         if len(models) <= 3:
-            for b, v in zip(bars, vals):
+            for b, v, c in zip(bars, vals, ci):
                 if np.isfinite(v):
-                    ax.text(b.get_x() + b.get_width() / 2, v + 0.02, f"{v:.2f}", ha="center", fontsize=7)
+                    top = max(v, c[1]) if c else v
+                    ax.text(b.get_x() + b.get_width() / 2, top + 0.02, f"{v:.2f}", ha="center", fontsize=7)
     ax.set_xticks(x, [iv.replace("_", "\n") for iv in interventions], fontsize=8)
-    ax.set_ylim(0, 1.12)
+    ax.set_ylim(0, 1.15)
     ax.set_title(title, fontsize=9, loc="left")
     ax.grid(axis="y", alpha=0.3)
 
 
-def refusal_bars(rates: dict[str, dict[str, float]], datasets: dict[str, list[str]] | None = None) -> str:
-    """Refusal rate by model x intervention, one panel per dataset; rates: {model: {"dataset/intervention": rate}}."""
+def refusal_bars(rates: dict[str, dict[str, float]], datasets: dict[str, list[str]] | None = None,
+                 intervals: dict[str, dict[str, tuple[float, float]]] | None = None) -> str:
+    """Refusal rate by model x intervention, one panel per dataset; rates: {model: {"dataset/intervention": rate}};
+    intervals: the same keys -> (ci_low, ci_high), drawn as error bars."""
     if datasets is None:
         datasets = {}
         for per_model in rates.values():
@@ -170,7 +179,8 @@ def refusal_bars(rates: dict[str, dict[str, float]], datasets: dict[str, list[st
     for ax, ds in zip(axes[0], names):
         ivs = datasets.get(ds, [])
         sub = {m: {iv: r[f"{ds}/{iv}"] for iv in ivs if f"{ds}/{iv}" in r} for m, r in rates.items()}
-        _bar_panel(ax, sub, ivs, f"refusal rate on {ds}")
+        err = {m: {iv: e[f"{ds}/{iv}"] for iv in ivs if f"{ds}/{iv}" in e} for m, e in (intervals or {}).items()}
+        _bar_panel(ax, sub, ivs, f"refusal rate on {ds} (bars: Wilson 95 % interval)", err)
     axes[0][0].set_ylabel("refusal rate")
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:

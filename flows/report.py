@@ -20,7 +20,7 @@ import logging
 from datetime import datetime, timezone
 
 from refdir.flows import plots
-from refdir.flows.report_data import (DAMAGE, INTERVENTIONS, ModelData, dataset_order, drop_counts,
+from refdir.flows.report_data import (CE, DAMAGE, INTERVENTIONS, ModelData, dataset_order, drop_counts,
                                       examples, intervention_order, model_keys, projections, run_doc)
 from refdir.schemas import layout
 
@@ -66,14 +66,22 @@ def summary_table_rows(summary: dict) -> list[dict]:
             if not (harmful or harmless or damage):
                 continue
             rows.append({"model": key, "direction": f"pos {d['position']} layer {d['layer']}" if d else "-",
-                         "intervention": name, "harmful refusal": harmful.get("refusal_rate", "-"),
-                         "harmless refusal": harmless.get("refusal_rate", "-"),
-                         "CE text": damage.get("ce_harmless_text", "-"),
-                         "CE own": damage.get("ce_own_completions", "-"), "KL": damage.get("kl_first_token", "-")})
+                         "intervention": name, "harmful refusal": _with_ci(harmful, "refusal_rate"),
+                         "harmless refusal": _with_ci(harmless, "refusal_rate"),
+                         **{label: damage.get(k, "-") for label, k in _CLI_DAMAGE.items()}})
         if not rows or rows[-1]["model"] != key:
             rows.append({"model": key, "direction": "-", "intervention": s.get("status", "?"), "harmful refusal": "-",
-                         "harmless refusal": "-", "CE text": "-", "CE own": "-", "KL": "-"})
+                         "harmless refusal": "-", **{label: "-" for label in _CLI_DAMAGE}})
     return rows
+
+
+_CLI_DAMAGE = {"CE pile": "ce_pile", "CE alpaca": "ce_alpaca", "CE own": "ce_on_distribution", "KL": "kl_first_token"}
+
+
+def _with_ci(rates: dict, metric: str):
+    """A rate with its Wilson 95 % interval, '0.030 [0.010, 0.085]', when the summary carries one."""
+    v, ci = rates.get(metric, "-"), rates.get(f"{metric}_ci")
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(v, float) and ci else v
 
 
 def _e(value) -> str:
@@ -162,9 +170,9 @@ def _summary_head(rates: dict[str, list[str]], damage: list[str]) -> str:
     fixed = ["model", "family", "layers", "chosen (pos, layer)", "status"]
     top = "".join(f'<th rowspan="2">{_e(h)}</th>' for h in fixed)
     top += "".join(f'<th colspan="{len(ivs)}">refusal rate, {_e(ds)}</th>' for ds, ivs in rates.items())
-    top += "".join(f'<th colspan="3">damage, {_e(iv)}</th>' for iv in damage)
+    top += "".join(f'<th colspan="{len(DAMAGE)}">damage, {_e(iv)}</th>' for iv in damage)
     sub = "".join(f"<th>{_e(iv).replace('_', '_<wbr>')}</th>" for ivs in rates.values() for iv in ivs)
-    sub += "".join("<th>ΔCE text</th><th>ΔCE own</th><th>KL</th>" for _ in damage)
+    sub += "".join("<th>ΔCE pile</th><th>ΔCE alpaca</th><th>ΔCE own</th><th>KL</th>" for _ in damage)
     return f"<tr>{top}</tr><tr>{sub}</tr>"
 
 
@@ -178,18 +186,20 @@ def _summary_row(m: ModelData, rates: dict[str, list[str]], damage: list[str]) -
     cells += [_td(rate.get(f"{ds}/{iv}"), rate=True) for ds, ivs in rates.items() for iv in ivs]
     for iv in damage:
         dmg = m.damage_delta(iv)
-        cells += [_td(dmg.get("ce_harmless_text")), _td(dmg.get("ce_own_completions")), _td(dmg.get("kl_first_token"))]
+        cells += [_td(dmg.get(k)) for k in DAMAGE]
     return cells
 
 
 def _summary(models: list[ModelData]) -> str:
     rates, damage = _summary_columns(models)
     table = _table(_summary_head(rates, damage), [_summary_row(m, rates, damage) for m in models], "summary")
-    caption = _note("refusal rate = share of completions judged refusals (substring judge). actadd subtracts r on "
-                    "harmful prompts and adds r on harmless ones. ΔCE = CE under the intervention minus baseline CE "
-                    "(nats); KL = first-token KL(baseline || intervention) on harmless prompts.")
+    caption = _note("refusal rate = share of completions judged refusals (substring judge); bars show its Wilson 95 % "
+                    "interval. actadd subtracts r on harmful prompts and adds r on harmless ones. ΔCE = CE under the "
+                    "intervention minus baseline CE (nats/token) on Pile-like text, Alpaca-like responses and the "
+                    "model's own harmless completions; KL = first-token KL(baseline || intervention) on harmless prompts.")
     bars = {m.key: m.rates() for m in models if m.rates()}
-    chart = _img(plots.refusal_bars(bars, rates), "refusal-bars", "refusal rate by model and intervention") \
+    errs = {m.key: m.intervals() for m in models if m.rates()}
+    chart = _img(plots.refusal_bars(bars, rates, errs), "refusal-bars", "refusal rate by model and intervention") \
         if bars else _note("no model has evaluation results yet")
     return f'<section id="summary"><h2>Across models</h2>{table}{caption}{chart}</section>'
 
@@ -240,24 +250,32 @@ def _rates(m: ModelData) -> str:
         cols, table = m.rate_table(ds)
         title = {"harmful_test": "harmful test: refusal (bypass when low)",
                  "harmless_test": "harmless test: induced refusal"}.get(ds, ds)
-        body = [[_td(iv)] + [_td(vals.get(c), rate=c.split(":")[0].endswith("_rate"), bar=True) for c in cols]
+        body = [[_td(iv)] + [cell for c in cols for cell in (_td(vals.get(c), rate=c.split(":")[0].endswith("_rate"),
+                                                                 bar=True), _ci_td(vals.get(f"ci:{c}")))]
                 + [_td(vals["n"])] for iv, vals in table.items()]
-        parts.append(f"<h4>{_e(title)}</h4>" + _table(["intervention", *cols, "n"], body))
-    return "".join(parts)
+        head = ["intervention", *[h for c in cols for h in (c, "95 % CI")], "n"]
+        parts.append(f"<h4>{_e(title)}</h4>" + _table(head, body))
+    return "".join(parts) + _note("95 % CI: Wilson score interval of the rate over n completions.")
+
+
+def _ci_td(ci) -> str:
+    return f'<td class="num">{ci[0]:.3f} – {ci[1]:.3f}</td>' if ci else "<td></td>"
 
 
 def _damage(m: ModelData) -> str:
     table = m.damage_table()
     if not table:
         raise FileNotFoundError("no damage rows (evals dataset 'damage')")
-    head = ["intervention"] + [f"{k}" for k in DAMAGE] + [f"Δ {k}" for k in DAMAGE[:2]] + ["n (texts / prompts)"]
+    head = ["intervention"] + [f"{k}" for k in DAMAGE] + [f"Δ {k}" for k in CE] + ["n (tokens: pile / alpaca / own)"]
     rows = []
     for iv, vals in table.items():
         delta = m.damage_delta(iv)
-        ns = "/".join(str(vals.get(f"n:{k}", "–")) for k in DAMAGE[:2])
-        rows.append([_td(iv), *(_td(vals.get(k)) for k in DAMAGE), *(_td(delta.get(k)) for k in DAMAGE[:2]), _td(ns)])
-    return _table(head, rows) + _note("CE in nats per token on harmless text and on the model's own baseline "
-                                      "completions; actadd here is the bypass intervention (−r).")
+        ns = " / ".join(str(vals.get(f"n:{k}", "–")) for k in CE)
+        rows.append([_td(iv), *(_td(vals.get(k)) for k in DAMAGE), *(_td(delta.get(k)) for k in CE), _td(ns)])
+    return _table(head, rows) + _note("CE in nats per token, as the paper's evaluate_loss: plain documents (ce_pile), "
+                                      "instruction -> reference response with loss on the response only (ce_alpaca), "
+                                      "the model's own baseline harmless completions (ce_on_distribution); actadd "
+                                      "here is the bypass intervention (−r).")
 
 
 def _clip(text: str, limit: int = 600) -> str:

@@ -21,7 +21,8 @@ from refdir.schemas import layout
 
 logger = logging.getLogger(__name__)
 
-DAMAGE = ("ce_harmless_text", "ce_own_completions", "kl_first_token")
+DAMAGE = ("ce_pile", "ce_alpaca", "ce_on_distribution", "kl_first_token")   # the paper's three CE losses + KL
+CE = DAMAGE[:3]
 INTERVENTIONS = ("baseline", "ablation", "actadd", "orthogonalized", "random_ablation", "random_actadd")
 _DATASETS = ("harmful_test", "harmless_test", "damage")
 
@@ -132,6 +133,14 @@ class ModelData:
                 out.setdefault(f"{r['dataset']}/{r['intervention']}", r["value"])
         return out
 
+    def intervals(self) -> dict[str, tuple[float, float]]:
+        """{"dataset/intervention": (ci_low, ci_high)}: the Wilson 95 % interval of the rate rates() shows."""
+        out: dict[str, tuple[float, float]] = {}
+        for r in sorted(self.evals, key=lambda r: r["judge"] not in ("substring", "")):
+            if r["metric"] == "refusal_rate" and r.get("ci_low") is not None:
+                out.setdefault(f"{r['dataset']}/{r['intervention']}", (r["ci_low"], r["ci_high"]))
+        return out
+
     def rate_table(self, dataset: str) -> tuple[list[str], dict[str, dict]]:
         """Metric columns ("refusal_rate", "metric:judge", ...) and {intervention: {column: value, "n": n}}."""
         rows = sorted((r for r in self.evals if r["dataset"] == dataset),
@@ -143,6 +152,8 @@ class ModelData:
             cols += [] if col in cols else [col]
             cell = out.setdefault(r["intervention"], {"n": r["n"]})
             cell[col], cell["n"] = r["value"], max(cell["n"], r["n"])
+            if r.get("ci_low") is not None:
+                cell[f"ci:{col}"] = (r["ci_low"], r["ci_high"])
         return cols, out
 
     def damage_table(self) -> dict[str, dict]:
@@ -157,7 +168,7 @@ class ModelData:
         """CE metrics minus the baseline's; KL as is (it is already a difference from the baseline)."""
         table = self.damage_table()
         vals, base = table.get(intervention, {}), table.get("baseline", {})
-        out = {k: (vals[k] - base[k] if k in vals and k in base else None) for k in DAMAGE[:2]}
+        out = {k: (vals[k] - base[k] if k in vals and k in base else None) for k in CE}
         out["kl_first_token"] = vals.get("kl_first_token")
         return out
 

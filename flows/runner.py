@@ -46,6 +46,16 @@ def with_overrides(spec: RunSpec, store: str | None = None, ray_address: str | N
     return parse_spec(data)
 
 
+def _check_damage_sources(spec: RunSpec) -> None:
+    """Load the damage-metric sources (ce_pile_source, ce_alpaca_source) so a bad one fails before any model."""
+    from refdir.workers.damage import DamageSourceError, load_damage_sets
+
+    try:
+        load_damage_sets(spec.evaluation)
+    except DamageSourceError as e:
+        raise SpecError(f"evaluation: {e}") from None
+
+
 def preflight(spec: RunSpec) -> tuple[Store, dict[str, str]]:
     """Everything that can be checked without loading a model.
 
@@ -57,6 +67,7 @@ def preflight(spec: RunSpec) -> tuple[Store, dict[str, str]]:
     for name in spec.evaluation.judges:
         check_judge_name(name)
     draw_prompts(spec.prompts, spec.models)
+    _check_damage_sources(spec)
     bad: dict[str, str] = {}
     for m in spec.models:
         try:

@@ -49,6 +49,8 @@ def rates(store, run_id: str, key: str) -> dict[str, dict[str, float]]:
         for r in store.read_table(rel).to_pylist():
             name = r["metric"] if r["judge"] in ("", "substring") else f"{r['metric']}:{r['judge']}"
             out.setdefault(f"{r['dataset']}/{r['intervention']}", {})[name] = r["value"]
+            if r.get("ci_low") is not None:   # a rate: its Wilson 95 % interval, for the CLI table
+                out[f"{r['dataset']}/{r['intervention']}"][f"{name}_ci"] = [r["ci_low"], r["ci_high"]]
     return out
 
 

@@ -133,6 +133,10 @@ def _selection_tables(store: Store, m: str, direction: np.ndarray) -> None:
                                                      "thresholds": {"max_layer_fraction": 0.8}, "candidates": scores})
 
 
+# Wilson 95 % intervals of 0/5 and 5/5, computed elsewhere (e.g. statsmodels proportion_confint(method="wilson"))
+WILSON_5 = {False: {"ci_low": 0.0, "ci_high": 0.43448}, True: {"ci_low": 0.56552, "ci_high": 1.0}}
+
+
 def _eval_tables(store: Store, m: str) -> None:
     plan = {"harmful_test": ("baseline", "ablation"), "harmless_test": ("baseline", "actadd")}
     for ds, ivs in plan.items():
@@ -145,11 +149,13 @@ def _eval_tables(store: Store, m: str) -> None:
             rel = layout.completion_shard(RUN, m, ds, iv, 0)
             store.write_json(layout.completion_marker(RUN, m, ds, iv, 0), {"data": rel, "rows": 5})
             _write(store, layout.evals_table(RUN, m, ds, iv), [{**_key(m), "dataset": ds, "intervention": iv,
-                   "judge": "substring", "metric": "refusal_rate", "value": float(refused), "n": 5}], "evals",
+                   "judge": "substring", "metric": "refusal_rate", "value": float(refused), "n": 5,
+                   **WILSON_5[refused]}], "evals",
                    T.evals_schema())
     for iv, ce in (("baseline", 2.0), ("ablation", 2.1)):
         rows = [{**_key(m), "dataset": "damage", "intervention": iv, "judge": "", "metric": k, "value": v, "n": 5}
-                for k, v in (("ce_harmless_text", ce), ("ce_own_completions", ce / 2), ("kl_first_token", ce - 2))]
+                for k, v in (("ce_pile", ce), ("ce_alpaca", ce / 2), ("ce_on_distribution", ce / 3),
+                             ("kl_first_token", ce - 2))]
         _write(store, layout.evals_table(RUN, m, "damage", iv), rows, "evals", T.evals_schema())
 
 
@@ -212,6 +218,8 @@ def test_synthetic_report_with_failed_and_incomplete_models(tmp_path):
     assert "<script>alert(0)</script>" in good and "<script>" not in raw and "&lt;script&gt;alert(0)" in raw
     assert good.count("reply ablation 2") == 1 and "reply ablation 3" not in good   # 3 examples per intervention
     assert "layer >= max_layer_fraction·L" in good and "skipped (norm below prune_norm)" in good
+    assert "95 % CI" in good and "0.566 – 1.000" in good and "0.000 – 0.434" in good
+    assert "ce_on_distribution" in good and "Wilson" in p.section_text("summary")
 
 
 def test_projection_matches_numpy(tmp_path):
@@ -277,7 +285,7 @@ def test_real_run_report_has_every_section_and_figure(real_run):
         assert all(f"{sid}-{part}" in p.ids for part in PARTS)
         text = p.section_text(sid)
         assert "not available" not in text
-        assert "harmful_test" in text and "harmless_test" in text and "ce_own_completions" in text
+        assert "harmful_test" in text and "harmless_test" in text and "ce_on_distribution" in text
     assert "nope" in p.section_text("model-missing")
     summary_text = p.section_text("summary")
     assert "organism" in summary_text and "tiny-qwen2" in summary_text and "missing" in summary_text

@@ -187,18 +187,22 @@ def pile_ce(lm, docs: list[str], max_tokens: int, batch_size: int) -> tuple[floa
     return total / max(count, 1), count
 
 
-def _formatted(lm, instructions: list[str]) -> list[str]:
-    from refdir.workers import chat
+def _formatted(lm, instructions: list[str]) -> tuple[list[str], bool]:
+    """Prompt strings in the model's format in force, and whether the tokenizer adds special tokens to them."""
+    fmt = getattr(lm, "chat_format", None)
+    if fmt is not None:
+        return lm.format(instructions), fmt.add_special_tokens
+    from refdir.workers import chat   # a LoadedModel without a chat_format: the family's chat template
 
-    return chat.format_instructions(lm.tokenizer, lm.family, instructions)
+    return chat.format_instructions(lm.tokenizer, lm.family, instructions), False
 
 
-def _pair_ids(lm, prompt: str, response: str) -> tuple[list[int], int]:
+def _pair_ids(lm, prompt: str, response: str, special: bool) -> tuple[list[int], int]:
     """Ids of prompt+response tokenised together (as the paper's code does) and where the response starts:
     the first id after the longest prefix shared with the prompt alone (a boundary merge, e.g. Llama-2's
     trailing space with the response's first word, moves the start one token back)."""
-    p = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    full = lm.tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
+    p = lm.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+    full = lm.tokenizer(prompt + response, add_special_tokens=special)["input_ids"]
     common = next((i for i, (a, b) in enumerate(zip(p, full)) if a != b), min(len(p), len(full)))
     return list(full), common
 
@@ -209,8 +213,8 @@ def response_ce(lm, pairs: list[tuple[str, str]], batch_size: int) -> tuple[floa
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        prompts = _formatted(lm, [i for i, _ in chunk])
-        rows = [_pair_ids(lm, p, r) for p, (_, r) in zip(prompts, chunk)]
+        prompts, special = _formatted(lm, [i for i, _ in chunk])
+        rows = [_pair_ids(lm, p, r, special) for p, (_, r) in zip(prompts, chunk)]
         width = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
