@@ -285,7 +285,7 @@ def export(run_id: str, model: str = typer.Option(..., "--model", help="Model ke
 @app.command("export-official")
 def export_official(run_id: str, model: str = typer.Option(..., "--model"), out_dir: Path = typer.Option(..., "--out"),
                     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP)) -> None:
-    """Write mean_diffs.pt-compatible arrays, direction_metadata.json and the evaluation list (official layout)."""
+    """Write the paper's run layout (generate_directions/, select_direction/, completions/, loss_evals/, direction.pt)."""
     from refdir.flows.export import export_official as run_export
 
     path = run_export(_store_uri(store), run_id, model, out_dir)

@@ -8,7 +8,7 @@ One run (real Prefect API, real local Ray, the organism trained once per session
 - ablation damages less than actadd(-r) (first-token KL and CE on the model's own completions); ce_pile,
   ce_alpaca and ce_on_distribution exist for baseline / ablation / actadd;
 - `refdir export` writes a folder that plain transformers loads and that refuses like the ablated model;
-- `refdir export-official` writes mean_diffs (n_pos, n_layer, d) float64 and direction_metadata.json;
+- `refdir export-official` writes the paper's run layout (mean_diffs (n_pos, n_layer, d) float64, ...);
 - `refdir sql` answers refusal rate per model x intervention and the candidates' drop reasons.
 """
 
@@ -103,7 +103,7 @@ def test_exported_model_refuses_like_the_ablated_one(science_run, tmp_path):
 def test_official_format_export(science_run, tmp_path):
     spec, store, _ = science_run
     out = export_official(store.uri, spec.run_id, "organism", tmp_path / "official")
-    diffs = torch.load(out / "mean_diffs.pt", weights_only=True)
+    diffs = torch.load(out / "generate_directions" / "mean_diffs.pt", weights_only=True)
     row = store.read_table(layout.model_row(spec.run_id, "organism")).to_pylist()[0]
     assert diffs.dtype == torch.float64
     assert tuple(diffs.shape) == (len(row["eoi_tokens"]), row["n_layers"], row["d_model"])
@@ -111,7 +111,9 @@ def test_official_format_export(science_run, tmp_path):
     d = store.read_json(layout.direction_json(spec.run_id, "organism"))
     assert meta == {"pos": d["position"], "layer": d["layer"]}
     assert torch.allclose(diffs[d["position"] + diffs.shape[0], d["layer"]], torch.tensor(d["vector"], dtype=torch.float64))
-    assert (out / "completions" / "harmful_test_ablation_completions.json").exists()
+    assert (out / "completions" / "harmful_test_ablation_completions.json").exists()   # organism sets keep their names
+    assert (out / "loss_evals" / "actadd_loss_eval.json").exists()
+    assert (out / "select_direction" / "direction_evaluations_filtered.json").exists()
 
 
 def test_sql_answers_rates_and_drop_reasons(science_run):
