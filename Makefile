@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-all test-fast bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -28,11 +28,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/refdir demo
 
-# Default suite: everything but the slow end-to-end runs (under ~15 minutes on 2 cores).
+# Everything but the slow end-to-end runs (`-m "not slow"`), for quick checks while editing.
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" -q
 
-# The README's test command: the whole suite, end-to-end Prefect + Ray runs included.
+# The README's test command and CI's: the whole suite, end-to-end Prefect + Ray runs included
+# (tests/test_browser.py needs the Debian package chromium, which .ci/run installs; it skips without).
 test: setup
 	$(BIN)/python -m pytest -q
 

@@ -389,7 +389,7 @@ def test_huge_error_message_is_capped_on_the_terminal(tmp_path):
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
     jsonschema.validate(doc, schema)
     assert doc["head_node_type"] in doc["available_node_types"]
-    assert any("pip install -q -e ~/refdir" in c for c in doc["worker_setup_commands"])
+    assert any('pip install -q -e "~/refdir[gguf,hf]"' in c for c in doc["worker_setup_commands"])
     assert any("torch==" in c and "/whl/cu" in c for c in doc["worker_setup_commands"])
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = " ".join(doc[key])
@@ -402,7 +402,7 @@ def test_kuberay_cluster_has_head_gpu_workers_and_secret_credentials():
     head = doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     (group,) = doc["spec"]["workerGroupSpecs"]
     worker = group["template"]["spec"]["containers"][0]
-    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] >= 1   # sized against paper-13 in tests/test_cluster.py
     for container in (head, worker):
         env = {e["name"]: e for e in container["env"]}
         for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN"):
