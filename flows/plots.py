@@ -146,8 +146,8 @@ def _bar_panel(ax, rates: dict[str, dict[str, float]], interventions: list[str],
     for k, model in enumerate(models):
         vals = np.array([rates[model].get(iv, np.nan) for iv in interventions], dtype=float)
         ci = [(errors or {}).get(model, {}).get(iv) for iv in interventions]
-        lo = np.array([v - c[0] if c and np.isfinite(v) else 0.0 for v, c in zip(vals, ci)])
-        hi = np.array([c[1] - v if c and np.isfinite(v) else 0.0 for v, c in zip(vals, ci)])
+        lo = np.array([max(v - c[0], 0.0) if c and np.isfinite(v) else 0.0 for v, c in zip(vals, ci)])
+        hi = np.array([max(c[1] - v, 0.0) if c and np.isfinite(v) else 0.0 for v, c in zip(vals, ci)])
         bars = ax.bar(x - 0.4 + width * (k + 0.5), np.nan_to_num(vals), width, label=model, color=colors(k % 10),
                       yerr=np.vstack([lo, hi]) if any(ci) else None, capsize=3, error_kw={"elinewidth": 1})
         if len(models) <= 3:

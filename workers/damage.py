@@ -165,12 +165,13 @@ def load_damage_sets(evaluation) -> DamageSets:
 
 def _nll_sum(lm, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor) -> tuple[float, int]:
     """Sum of -log p(token t+1 | ..t) over positions t where loss_mask[:, t] (shapes (batch, seq))."""
+    total = torch.zeros((), dtype=torch.float64, device=ids.device)
     with torch.inference_mode():
-        logits = lm.model(input_ids=ids, attention_mask=mask).logits
-    logp = torch.log_softmax(logits[:, :-1].to(torch.float64), dim=-1)          # (batch, seq-1, vocab)
-    tok = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)                 # (batch, seq-1)
-    m = loss_mask[:, :-1].to(torch.float64)
-    return float(-(tok * m).sum().item()), int(loss_mask[:, :-1].sum().item())
+        logits = lm.model(input_ids=ids, attention_mask=mask).logits           # (batch, seq, vocab)
+        for b in range(ids.shape[0]):   # one row at a time in float32: a 150k vocabulary x 256 tokens stays small
+            nll = torch.nn.functional.cross_entropy(logits[b, :-1].float(), ids[b, 1:], reduction="none")  # (seq-1,)
+            total += (nll.double() * loss_mask[b, :-1]).sum()
+    return float(total.item()), int(loss_mask[:, :-1].sum().item())
 
 
 def pile_ce(lm, docs: list[str], max_tokens: int, batch_size: int) -> tuple[float, int]:
