@@ -146,10 +146,11 @@ _SUMS = 'SELECT label, position, layer, "sum", n FROM read_parquet($files, hive_
 
 # ---------------------------------------------------------------- which shards count
 
-def _markers(store: Store, run_id: str, model: str, split: str) -> dict[str, dict]:
-    """Markers (stem -> content) of the done activation shards of one split."""
-    done = store.done_jobs(layout.activation_markers_dir(run_id, model))
-    out = {s: m for s, m in done.items() if m.get("split", s.split("-", 1)[0]) == split}
+def _markers(store: Store, run_id: str, model: str, split: str, markers: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Markers (path or stem -> content) of the done activation shards of one split: the planned jobs' markers
+    when the caller passes them (the pipeline: each checked against its job), else every marker in the folder."""
+    done = markers if markers is not None else store.done_jobs(layout.activation_markers_dir(run_id, model))
+    out = {s: m for s, m in done.items() if m.get("split", s.rsplit("/", 1)[-1].split("-", 1)[0]) == split}
     if not out:
         raise AggregateError(
             f"no {split} activation shards marked done for model {model!r} in run {run_id!r} under "
@@ -157,15 +158,13 @@ def _markers(store: Store, run_id: str, model: str, split: str) -> dict[str, dic
     return out
 
 
-def _sums_files(store: Store, run_id: str, model: str, markers: dict[str, dict]) -> list[str]:
-    files = []
-    for stem, m in sorted(markers.items()):
-        rel = m.get("sums") or f"{layout.model_dir(run_id, model)}/sums/part-{stem}.parquet"
-        files.append(rel)
-    missing = [f for f in files if not store.exists(f)]
+def _sums_files(store: Store, markers: dict[str, dict]) -> list[str]:
+    files = [m.get("sums") for _, m in sorted(markers.items())]
+    missing = [f for f in files if not f or not store.exists(f)]
     if missing:
+        where = store.url(missing[0]) if missing[0] else "(the marker names none)"
         raise AggregateError(
-            f"{len(missing)} marked shard(s) have no sums file (e.g. {store.url(missing[0])}); rerun their extraction "
+            f"{len(missing)} marked shard(s) have no sums file (e.g. {where}); rerun their extraction "
             "jobs (delete their markers) or compute means with means_from_activations")
     return files
 
@@ -192,9 +191,10 @@ def means_from_activations(store: Store, run_id: str, model: str, split: str = "
     return acc.means()
 
 
-def sums_means(store: Store, run_id: str, model: str, split: str = "train") -> dict[Key, tuple[np.ndarray, int]]:
+def sums_means(store: Store, run_id: str, model: str, split: str = "train",
+               markers: dict[str, dict] | None = None) -> dict[Key, tuple[np.ndarray, int]]:
     """Means from the per-shard float64 sums of the done shards (the fast path)."""
-    files = _sums_files(store, run_id, model, _markers(store, run_id, model, split))
+    files = _sums_files(store, _markers(store, run_id, model, split, markers))
     acc = _Accumulator()
     _stream(store, _SUMS, {"files": [store.path_for_duckdb(f) for f in files], "split": split}, acc, "sum", "n")
     return acc.means()
@@ -242,10 +242,13 @@ def _candidates_table(run_id: str, model: str, means: dict[Key, tuple[np.ndarray
     }, schema=candidates_schema(d))
 
 
-def aggregate_means(store: Store, run_id: str, model: str, split: str = "train", prune_norm: float = 1e-6) -> dict:
-    """Sums of the done shards -> means.parquet + candidates.parquet; returns counts for the receipt."""
+def aggregate_means(store: Store, run_id: str, model: str, split: str = "train", prune_norm: float = 1e-6,
+                    markers: dict[str, dict] | None = None) -> dict:
+    """Sums of the done shards -> means.parquet + candidates.parquet; returns counts for the receipt.
+
+    `markers`: the planned extraction jobs' markers (see _markers); default every marker in the folder."""
     where = f"run {run_id!r} model {model!r} split {split!r}"
-    means = sums_means(store, run_id, model, split)
+    means = sums_means(store, run_id, model, split, markers)
     stats = {"n_harmful": _label_count(means, "harmful", where), "n_harmless": _label_count(means, "harmless", where)}
     cand = _candidates_table(run_id, model, means, prune_norm, where)
     store.write_table(layout.means_table(run_id, model), _means_table(run_id, model, split, means),

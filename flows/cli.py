@@ -185,7 +185,8 @@ def run(spec_path: Path = typer.Argument(..., help="Run spec (TOML), see infra/s
         store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Existing Ray cluster"),
         allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Pick the best bypass when all candidates are filtered"),
-        verify: bool = typer.Option(False, "--verify", help="Check every stored shard's checksum first and redo corrupt ones"),
+        verify: bool = typer.Option(False, "--verify", help="Check every stored file's checksum first and redo corrupt "
+                                                            "ones with what was derived from them"),
         plain: bool = typer.Option(False, "--plain", help="Log lines instead of progress bars")) -> None:
     """Run a spec; rerunning the same spec resumes it."""
     from refdir.flows.runner import with_overrides
@@ -198,12 +199,17 @@ def run(spec_path: Path = typer.Argument(..., help="Run spec (TOML), see infra/s
 @app.command()
 def resume(run_id: str, store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
            ray_address: Optional[str] = typer.Option(None, "--ray-address"),
-           verify: bool = typer.Option(False, "--verify", help="Check every stored shard's checksum first and redo corrupt ones"),
-           plain: bool = typer.Option(False, "--plain")) -> None:
-    """Resume a stored run from its stored spec."""
+           allow_fallback: bool = typer.Option(False, "--allow-fallback",
+                                               help="Pick the best bypass when all candidates are filtered (redoes "
+                                                    "selection and what follows; extraction and scoring are reused)"),
+           verify: bool = typer.Option(False, "--verify", help="Check every stored file's checksum first and redo "
+                                                               "corrupt ones with what was derived from them"),
+           plain: bool = typer.Option(False, "--plain", help="Log lines instead of progress bars")) -> None:
+    """Resume a stored run under its stored id (writes only under runs/RUN_ID/)."""
     from refdir.flows.runner import stored_spec, with_overrides
 
-    spec = with_overrides(stored_spec(_store_uri(store), run_id), _store_uri(store), ray_address)
+    spec = with_overrides(stored_spec(_store_uri(store), run_id), _store_uri(store), ray_address,
+                          allow_fallback or None)
     _run_and_print(spec, plain, verify)
 
 

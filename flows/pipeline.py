@@ -3,11 +3,13 @@
     summary = run_flow(spec.model_dump(mode="json"))     # what `refdir run spec.toml` calls
 
 The run flow reads like the README's steps:
-  1. open the store and write run.json (refusing a stored run with a different spec),
+  1. the run id from content (prompt texts, model digests, settings; a resume keeps its stored id), then
+     open the store and write run.json (refusing a stored run with a different identity),
   2. draw the prompts once (the paper's seeded draw), shared by every model,
   3. per model (a sub-flow; a failing model is reported and the others go on):
      extract -> aggregate -> select -> evaluate, each a task with retries, each skipped when its
-     manifest says done and otherwise running only the jobs without a done-marker,
+     manifest says done for the inputs planned now, otherwise running only the jobs whose marker does not
+     vouch for their inputs,
   4. write the report and return a summary.
 Flows pass specs and store URIs only; Ray actors do the model work (flows/stages.py).
 """
@@ -23,9 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
+from refdir.flows.cluster import start_cluster
+from refdir.flows.manifest import write_files
 from refdir.flows.stages import ModelRun, write_run_json
 from refdir.flows.summary import model_summary, versions
+from refdir.schemas import layout
 from refdir.schemas.spec import RunSpec, parse_spec
+from refdir.workers.identity import resolve_inputs
 from refdir.workers.prompts import draw_prompts
 from refdir.workers.store import Store
 
@@ -83,17 +89,23 @@ def run_flow(spec: RunSpec | dict, skip: dict[str, str] | None = None) -> dict:
     that failed preflight, with the reason; they are reported as failed without starting a worker.
     """
     run_spec = spec if isinstance(spec, RunSpec) else parse_spec(spec)
+    if not run_spec.is_resolved:   # a deployment's dict
+        run_spec = resolve_inputs(run_spec)
     store = Store.open(run_spec.store)
     write_run_json(store, run_spec, versions())
     skip = skip or {}
     todo = [m.key for m in run_spec.models if m.key not in skip]
+    if todo:
+        start_cluster(run_spec.compute, todo)   # Ray once, before any model thread; every actor fits a node
     done = _run_models(run_spec, todo)
     results = {m.key: done[m.key] if m.key in done else {"model": m.key, "status": "failed", "error": skip[m.key]}
                for m in run_spec.models}
     from refdir.flows.report import write_report
 
     try:
-        write_report(store, run_spec.run_id, errors={k: v["error"] for k, v in results.items() if v.get("error")})
+        with store.recording() as files:
+            write_report(store, run_spec.run_id, errors={k: v["error"] for k, v in results.items() if v.get("error")})
+        write_files(store, layout.report_manifest(run_spec.run_id), files)
     except Exception:  # noqa: BLE001 - a report failure must not sink finished results
         logger.warning("report failed:\n%s", traceback.format_exc())
     return {"run_id": run_spec.run_id, "store": store.uri, "models": results}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.compute as pc
 
-from refdir.flows.summary import model_status
+from refdir.flows.summary import manifest, model_status
 from refdir.schemas import layout
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def run_doc(store, run_id: str) -> dict:
     rel = layout.run_json(run_id)
     if store.exists(rel):
         return store.read_json(rel)
-    if store.glob(f"{layout.run_dir(run_id)}/*/_manifest.json"):
+    if store.glob(layout.model_manifest_glob(run_id)):
         return {}
     runs = sorted({p.split("/")[1] for p in store.glob("runs/*/run.json")})
     raise ReportError(f"no run {run_id!r} in {store.uri} (no {rel}); runs there: {runs or 'none'}")
@@ -53,7 +53,7 @@ def run_doc(store, run_id: str) -> dict:
 def model_keys(store, run_id: str, doc: dict) -> list[str]:
     """Models of the spec in spec order, then any other model folder holding a manifest."""
     keys = [m["key"] for m in doc.get("spec", {}).get("models", [])]
-    found = {p.split("/")[2] for p in store.glob(f"{layout.run_dir(run_id)}/*/_manifest.json")}
+    found = {p.split("/")[2] for p in store.glob(layout.model_manifest_glob(run_id))}
     return keys + sorted(found - set(keys))
 
 
@@ -99,10 +99,9 @@ class ModelData:
 
     @classmethod
     def load(cls, store, run_id: str, key: str, error: str | None = None) -> "ModelData":
-        rel = layout.manifest(run_id, key)
-        if not store.exists(rel):
+        m = manifest(store, run_id, key)
+        if not m["stages"]:
             return cls(store, run_id, key, "failed" if error else "missing", {}, error=error)
-        m = store.read_json(rel)
         status = model_status(m)
         out = cls(store, run_id, key, "failed" if error and status != "done" else status, m, error=error)
         if store.exists(layout.model_row(run_id, key)):

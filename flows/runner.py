@@ -1,11 +1,13 @@
 """Entry points behind the CLI: check everything, then run, resume, report status or schedule.
 
-    summary = execute(spec)              # preflight -> fast path if finished -> Prefect run flow
-    spec = stored_spec(store, run_id)    # for `refdir resume`
+    summary = execute(spec)              # preflight -> run id from content -> fast path if finished -> Prefect
+    spec = stored_spec(store, run_id)    # for `refdir resume`: the stored spec with its stored run id
 
 Preflight fails before any worker starts: the spec is valid (pydantic), every model path exists and
 its family resolves, every prompt source loads, judges are known, the store is writable and the Ray
-address answers. A run whose every model is done returns its summary from the manifests alone, without
+address answers. The run id comes from content (workers/identity.py): the drawn prompts' text, each model's
+content digest and the settings; `refdir resume RUN_ID` reuses the id stored in run.json and refuses when the
+inputs changed since. A run whose every model is done returns its summary from the manifests alone, without
 starting Prefect, Ray or a model.
 """
 
@@ -14,9 +16,9 @@ from __future__ import annotations
 import logging
 import os
 
+from refdir.flows import manifest as manifests
 from refdir.flows.cluster import check_address, resolve_address
-from refdir.flows.summary import STAGE_ORDER, model_summary, run_complete
-from refdir.flows.summary import manifest as read_manifest
+from refdir.flows.summary import model_summary, run_complete
 from refdir.schemas import layout
 from refdir.schemas.spec import RunSpec, SpecError, parse_spec
 from refdir.workers.judges import check_judge_name
@@ -24,6 +26,7 @@ from refdir.workers.chat import ChatTemplateError
 from refdir.workers.families import FamilyError
 from refdir.workers.model import ModelLoadError
 from refdir.workers.model import preflight as model_preflight
+from refdir.workers.identity import resolve_inputs, run_inputs
 from refdir.workers.prompts import draw_prompts
 from refdir.workers.store import Store
 
@@ -32,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 def with_overrides(spec: RunSpec, store: str | None = None, ray_address: str | None = None,
                    allow_fallback: bool | None = None) -> RunSpec:
-    """CLI flags and REFDIR_STORE override the spec's store / compute / fallback (not part of the run id)."""
+    """CLI flags and REFDIR_STORE override the spec's store / compute / fallback (not part of the run id, so a
+    resolved or resumed spec keeps its id)."""
     data = spec.model_dump()
     store = store or os.environ.get("REFDIR_STORE")
     if store:
@@ -43,7 +47,8 @@ def with_overrides(spec: RunSpec, store: str | None = None, ray_address: str | N
         data["selection"]["allow_fallback"] = allow_fallback
     if spec.store.secret is not None:
         data["store"]["secret"] = spec.store.secret.get_secret_value()
-    return parse_spec(data)
+    out = parse_spec(data)
+    return out.with_inputs(spec.inputs, spec.run_id) if spec.is_resolved else out
 
 
 def _check_damage_sources(spec: RunSpec) -> None:
@@ -85,52 +90,114 @@ def preflight(spec: RunSpec) -> tuple[Store, dict[str, str]]:
     return store, bad
 
 
-# stage -> the folder of its job markers (stages without jobs have none)
-_MARKERS = {"extract": "activations/_done", "select": "scores/_done", "evaluate": "completions/_done"}
+def verify_run(store: Store, spec: RunSpec, draw=None) -> dict[str, list[str]]:
+    """Check every file the run's markers and manifests vouch for against its sha256 (reads all data).
 
-
-def verify_run(store: Store, spec: RunSpec) -> dict[str, list[str]]:
-    """Check every job marker's checksums against its shards; corrupt or missing shards lose their marker,
-    and the stage that wrote them and every later stage lose their 'done', so the run recomputes exactly
-    those jobs and what depends on them. Returns {model: [bad marker paths]}."""
+    A corrupt or missing job shard loses its marker (the job is redone) and its stage's manifest; a corrupt
+    stage-level file (means, candidates, scores, direction, evals, the model row) or an unreadable manifest
+    loses that manifest (the stage is redone). What was derived from an invalidated stage goes too: every later
+    stage's manifest and the markers of later jobs that read its outputs (all but baseline evaluation jobs,
+    which read no earlier stage). Returns {model: [invalidated marker/manifest paths]}, each named in a log line."""
+    baseline = _baseline_markers(spec, draw or draw_prompts(spec.prompts, spec.models))
     bad: dict[str, list[str]] = {}
     for m in spec.models:
-        mdir = layout.model_dir(spec.run_id, m.key)
-        first = None
-        for stage in STAGE_ORDER:
-            folder = _MARKERS.get(stage)
-            if folder is None:
-                continue
-            broken = [rel for rel in store.glob(f"{mdir}/{folder}/*.json") if not store.verify(rel)]
-            for rel in broken:
-                store.delete(rel)
-            if broken:
-                bad.setdefault(m.key, []).extend(broken)
-                first = first or stage
-        if first:
-            manifest = read_manifest(store, spec.run_id, m.key)
-            for stage in STAGE_ORDER[STAGE_ORDER.index(first):]:
-                manifest["stages"].pop(stage, None)
-            store.write_json(layout.manifest(spec.run_id, m.key), manifest)
-            logger.warning("model %s: %d corrupt or missing shard(s) will be recomputed (from stage %s on)",
-                           m.key, len(bad[m.key]), first)
+        found, first = _verify_model(store, spec.run_id, m.key)
+        if first is not None:
+            _drop_derived(store, spec.run_id, m.key, first, baseline[m.key])
+        if found:
+            bad[m.key] = found
+            logger.warning("model %s: %d corrupt or missing file(s); recomputing them and what was derived from "
+                           "them (stage %s on)", m.key, len(found), first)
+    _verify_files_manifest(store, layout.report_manifest(spec.run_id))
     return bad
+
+
+def _baseline_markers(spec: RunSpec, draw) -> dict[str, set[str]]:
+    from refdir.flows import plan
+
+    return {m.key: {plan.eval_marker(j) for j in plan.eval_jobs(spec, m, draw) if j.intervention == "baseline"}
+            for m in spec.models}
+
+
+def _verify_files_manifest(store: Store, rel: str) -> bool:
+    """False (and the manifest removed) when a manifest is unreadable or a file it names is bad."""
+    if not store.exists(rel):
+        return True
+    m = store.marker(rel)
+    if m is not None and not store.bad_files(store.recorded_files(m)):
+        return True
+    store.delete(rel)
+    return False
+
+
+def _verify_model(store: Store, run_id: str, key: str) -> tuple[list[str], str | None]:
+    """(invalidated markers/manifests, the first stage that lost something or None)."""
+    out: list[str] = []
+    first = None
+    for stage in manifests.STAGES:
+        folder = layout.job_markers_dir(run_id, key, stage)
+        broken = [rel for rel in store.glob(f"{folder}/*.json") if not store.verify(rel)] if folder else []
+        for rel in broken:
+            store.delete(rel)
+        rel = layout.stage_manifest(run_id, key, stage)
+        if not _verify_files_manifest(store, rel):
+            out.append(rel)
+        elif broken:
+            store.delete(rel)
+        out += broken
+        if out and first is None:
+            first = stage
+    if not _verify_files_manifest(store, layout.model_row_manifest(run_id, key)):
+        out.append(layout.model_row_manifest(run_id, key))
+    return out, first
+
+
+def _drop_derived(store: Store, run_id: str, key: str, first: str, keep: set[str]) -> None:
+    """Every stage after `first` is redone, with the jobs that read an earlier stage's outputs."""
+    for stage in manifests.STAGES[manifests.STAGES.index(first) + 1:]:
+        store.delete(layout.stage_manifest(run_id, key, stage))
+        folder = layout.job_markers_dir(run_id, key, stage)
+        for rel in store.glob(f"{folder}/*.json") if folder else []:
+            if rel not in keep:
+                store.delete(rel)
+
+
+def check_inputs(spec: RunSpec, draw) -> None:
+    """For a resumed run: SpecError when its prompts or a model's content changed since it started."""
+    now = run_inputs(spec, draw)
+    was = spec.inputs
+    changed = ["the drawn prompts' text"] if now["prompts"] != was.get("prompts") else []
+    changed += [f"model {k}: {was.get('models', {}).get(k)} -> {d}" for k, d in now["models"].items()
+                if d != was.get("models", {}).get(k)]
+    if changed:
+        raise SpecError(f"run {spec.run_id}: its inputs changed since it started ({'; '.join(changed)}); "
+                        "`refdir run SPEC` starts a new run for the new inputs")
 
 
 def execute(spec: RunSpec, reporter=None, verify: bool = False) -> dict:
     """Run (or resume) a spec to completion; failures of single models are in the summary.
 
-    With `verify`, every shard's checksum is checked first (reads all data) and corrupt ones are redone.
+    An unresolved spec gets its run id from its inputs' content; a resolved one (a resume) keeps its id and
+    must still have the same inputs. With `verify`, every stored file's checksum is checked first (reads all
+    data) and corrupt ones are redone with what was derived from them.
     """
     store, bad = preflight(spec)
+    draw = draw_prompts(spec.prompts, spec.models)
+    if spec.is_resolved:
+        check_inputs(spec.model_copy(update={"models": [m for m in spec.models if m.key not in bad]})
+                     .with_inputs(spec.inputs, spec.run_id), draw)
+    else:
+        spec = resolve_inputs(spec, draw)
     if verify:
-        verify_run(store, spec)
+        verify_run(store, spec, draw)
     if not bad and run_complete(store, spec):
         logger.info("run %s is complete in %s; nothing to do", spec.run_id, store.uri)
         return {"run_id": spec.run_id, "store": store.uri,
                 "models": {m.key: model_summary(store, spec, m.key) for m in spec.models}}
+    from refdir.flows.cluster import start_cluster
     from refdir.flows.pipeline import ensure_prefect_env, run_flow, set_progress
 
+    start_cluster(spec.compute, [m.key for m in spec.models if m.key not in bad])   # Ray once; every actor fits
     ensure_prefect_env()
     set_progress(reporter)
     try:
@@ -140,15 +207,21 @@ def execute(spec: RunSpec, reporter=None, verify: bool = False) -> dict:
 
 
 def stored_spec(store_uri: str | None, run_id: str) -> RunSpec:
-    """The spec a run was started with (store credentials come from the environment / --store)."""
+    """The spec a run was started with, pinned to its stored run id and inputs (store credentials come from
+    the environment / --store)."""
     store = Store.open(store_uri or os.environ.get("REFDIR_STORE") or "refdir-store", create=False)
     rel = layout.run_json(run_id)
     if not store.exists(rel):
-        runs = sorted({p.split("/")[1] for p in store.glob("runs/*/run.json")})
+        runs = sorted({p.split("/")[1] for p in store.glob(layout.run_json("*"))})
         raise SpecError(f"no run {run_id!r} in {store.uri}; runs there: {runs or 'none'}")
-    data = store.read_json(rel)["spec"]
+    try:
+        doc = store.read_json(rel)
+        data, inputs = doc["spec"], doc["identity"]["inputs"]
+    except (ValueError, KeyError, TypeError):
+        raise SpecError(f"{store.url(rel)} is unreadable or was written by an older refdir (no stored inputs); "
+                        "run its spec again (`refdir run SPEC`) to start a new run") from None
     data["store"]["uri"] = store.uri
-    return parse_spec(data, f"{store.uri}/{rel}")
+    return parse_spec(data, f"{store.uri}/{rel}").with_inputs(inputs, run_id)
 
 
 def _live_counts(store: Store, spec: RunSpec, key: str, draw) -> dict[str, tuple[int, int | str]]:
@@ -158,23 +231,24 @@ def _live_counts(store: Store, spec: RunSpec, key: str, draw) -> dict[str, tuple
     model = spec.model(key)
     ext = plan.extract_jobs(spec, model, draw)
     ev = plan.eval_jobs(spec, model, draw)
-    scored = len(store.glob(f"{layout.model_dir(spec.run_id, key)}/scores/_done/*.json"))
-    return {"extract": (sum(store.exists(plan.extract_marker(j)) for j in ext), len(ext)),
+    scored = len(store.glob(f"{layout.score_markers_dir(spec.run_id, key)}/*.json"))
+    return {"extract": (sum(plan.is_done(store.marker(plan.extract_marker(j)), j) for j in ext), len(ext)),
             "aggregate": (int(store.exists(layout.candidates_table(spec.run_id, key))), 1),
             "select": (scored, "?"),
             "evaluate": (sum(store.exists(plan.eval_marker(j)) for j in ev), len(ev))}
 
 
 def status_rows(store: Store, spec: RunSpec) -> list[dict]:
-    """Planned / done per model and stage: the manifest where a stage finished, else live marker counts."""
+    """Planned / done per model and stage: the manifest where a stage is done for the inputs planned now,
+    else live marker counts (an unreadable manifest is one warning line and counts as not done)."""
     draw = draw_prompts(spec.prompts, spec.models)
     rows = []
     for m in spec.models:
-        s = model_summary(store, spec, m.key)
         live = None
-        for stage, st in s["stages"].items():
-            if st["status"] == "done":
-                rows.append({"model": m.key, "stage": stage, "status": "done", "done": st["done"], "planned": st["planned"]})
+        for stage, (man, ok) in manifests.chain(store, spec, m.key).items():
+            if ok:
+                rows.append({"model": m.key, "stage": stage, "status": "done", "done": man["done"],
+                             "planned": man["planned"]})
                 continue
             live = live or _live_counts(store, spec, m.key, draw)
             done, planned = live[stage]

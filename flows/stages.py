@@ -19,16 +19,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from refdir.flows import manifest as manifests
 from refdir.flows import plan
 from refdir.flows.aggregate import aggregate_means
-from refdir.flows.cluster import actor_resources, ensure_ray
-from refdir.flows.summary import manifest as read_manifest
 from refdir.schemas import layout
 from refdir.schemas.jobs import Prompt
 from refdir.schemas.spec import RunSpec
 from refdir.schemas.tables import directions_schema, evals_schema, runs_schema, scores_schema
-from refdir.workers.pool import run_jobs
 from refdir.workers.selection import select_direction
+from refdir.workers.identity import digest_json
 from refdir.workers.store import Store
 
 logger = logging.getLogger(__name__)
@@ -48,51 +47,65 @@ class ModelRun:
         self.model = spec.model(key)
         self.run_id = spec.run_id
         self.progress = progress
-        self._actors: list | None = None
+        self._pool = None             # workers/pool.WorkerPool, started on first use
         self._concurrency = 1
         self.info: dict | None = None
 
-    # ---- manifest ---------------------------------------------------------------------------
-    def manifest(self) -> dict:
-        return read_manifest(self.store, self.run_id, self.key)
+    # ---- manifests: a stage is done when its manifest says so for the inputs planned now ----------
+    def manifest(self, stage: str) -> dict | None:
+        return manifests.read(self.store, self.run_id, self.key, stage)
+
+    def stage_input(self, stage: str) -> str:
+        i = layout.STAGES.index(stage)
+        previous = self.manifest(layout.STAGES[i - 1]) if i else None
+        return manifests.stage_input(self.spec, self.key, stage, previous)
 
     def stage_done(self, stage: str) -> bool:
-        return self.manifest()["stages"].get(stage, {}).get("status") == "done"
+        return manifests.is_done(self.manifest(stage), self.stage_input(stage))
 
-    def mark(self, stage: str, planned: int, done: int, **extra) -> None:
-        m = self.manifest()
-        m["stages"][stage] = {"status": "done" if done == planned else "partial", "planned": planned,
-                              "done": done, "finished_at": _now(), **extra}
-        self.store.write_json(layout.manifest(self.run_id, self.key), m)
+    def mark(self, stage: str, planned: int, done: int, files: dict[str, str] | None = None, **extra) -> None:
+        manifests.write(self.store, self.run_id, self.key, stage, planned=planned, done=done,
+                        input_digest=self.stage_input(stage), files=files, **extra)
+
+    def require(self, stage: str) -> dict:
+        """The manifest of a stage this one reads: done for the inputs planned now, and its files verify."""
+        m = self.manifest(stage)
+        if not self.stage_done(stage):
+            raise StageError(f"model {self.key!r}: stage {stage} is not done for this run's inputs; its successor "
+                             "cannot start (rerun the run to redo it)")
+        bad = self.store.bad_files(m.get("files") or {})
+        if bad:
+            raise StageError(f"model {self.key!r}: {len(bad)} file(s) of stage {stage} do not match their manifest "
+                             f"(e.g. {self.store.url(bad[0])}); rerun with --verify to recompute them")
+        return m
 
     # ---- actors -----------------------------------------------------------------------------
     def actors(self) -> list:
-        if self._actors is None:
-            import ray
+        """Live handles of the model's supervised actors (started on first use: a finished run loads no model)."""
+        return self.pool().handles
 
-            from refdir.workers.actors import remote_worker
+    def pool(self):
+        if self._pool is None:
+            from refdir.flows.cluster import start_pool
 
-            ensure_ray(self.spec.compute)
-            n, gpus, cpus = actor_resources(self.spec.compute, self.key)
-            self._concurrency = self.spec.compute.extract_concurrency if gpus > 0 else 1
-            worker = remote_worker(num_gpus=gpus, num_cpus=cpus, max_restarts=self.spec.compute.max_retries,
-                                   max_concurrency=self._concurrency)
-            threads = max(1, int(cpus)) if gpus == 0 else None
-            self._actors = [worker.remote(self.model, self.spec.store, None, threads) for _ in range(n)]
-            infos = ray.get([a.ping.remote() for a in self._actors])
-            self.info = infos[0]
-            logger.info("%s: %d actor(s) on %s, family %s, %d layers", self.key, n, self.info["device"],
+            self._pool, self._concurrency = start_pool(self.spec, self.key)
+            self.info = self._pool.info
+            logger.info("%s: %d actor(s) on %s, family %s, %d layers", self.key, self._pool.n, self.info["device"],
                         self.info["family"], self.info["n_layers"])
             self._write_model_row()
-        return self._actors
+        else:
+            self._pool.start()   # fresh actors after a failed stage closed them
+        return self._pool
+
+    def ensure_model_row(self) -> None:
+        """The model's row of `runs` exists and is vouched for (rewritten, loading the model, when --verify dropped it)."""
+        if self.store.marker(layout.model_row_manifest(self.run_id, self.key)) is None:
+            self.actors()
 
     def close(self) -> None:
-        if self._actors:
-            import ray
-
-            for a in self._actors:
-                ray.kill(a)
-        self._actors = None
+        if self._pool is not None:
+            self._pool.close()
+        self._pool = None
 
     def _write_model_row(self) -> None:
         i = self.info
@@ -100,47 +113,77 @@ class ModelRun:
                "n_layers": [i["n_layers"]], "d_model": [i["d_model"]], "eoi_tokens": [i["eoi_tokens"]],
                "refusal_token_ids": [i["refusal_token_ids"]], "spec_hash": [self.spec.spec_hash],
                "created_at": [datetime.now(timezone.utc)]}
-        self.store.write_table(layout.model_row(self.run_id, self.key), pa.Table.from_pydict(row, schema=runs_schema()),
-                               table_name="runs", run_id=self.run_id)
+        with self.store.recording() as files:   # its own manifest, never a stage's (actors start in any stage)
+            self.store.write_table(layout.model_row(self.run_id, self.key),
+                                   pa.Table.from_pydict(row, schema=runs_schema()), table_name="runs", run_id=self.run_id)
+        manifests.write_files(self.store, layout.model_row_manifest(self.run_id, self.key), files)
 
     def _run(self, stage: str, method: str, jobs: list, marker_of) -> tuple[int, int]:
-        todo = [j for j in jobs if self.store.marker(marker_of(j)) is None]
+        """Run the jobs whose marker does not vouch for their inputs; (planned, done) afterwards."""
+        markers = [self.store.marker(marker_of(j)) for j in jobs]
+        todo = [j for j, m in zip(jobs, markers) if not plan.is_done(m, j)]
+        stale = sum(m is not None for j, m in zip(jobs, markers) if not plan.is_done(m, j))
+        if stale:
+            logger.warning("%s %s: %d job(s) have markers made from other inputs; recomputing them", self.key, stage,
+                           stale)
         if self.progress:
             self.progress.start(self.key, stage, len(jobs), len(jobs) - len(todo))
         if todo:
             tick = (lambda _r: self.progress.advance(self.key, stage)) if self.progress else None
-            actors = self.actors()
+            pool = self.pool()
             # extraction jobs may share an actor (per-thread capture); hooked jobs never run side by side
             inflight = self._concurrency + 1 if method == "extract" else 1
-            run_jobs(actors, method, todo, max_retries=self.spec.compute.max_retries, inflight=inflight, on_done=tick)
-        done = sum(self.store.marker(marker_of(j)) is not None for j in jobs)
+            pool.run(method, todo, inflight=inflight, on_done=tick)
+        done = sum(plan.is_done(self.store.marker(marker_of(j)), j) for j in jobs)
         return len(jobs), done
 
     # ---- stages -----------------------------------------------------------------------------
     def extract(self) -> None:
         if self.stage_done("extract"):
             return
-        planned, done = self._run("extract", "extract", plan.extract_jobs(self.spec, self.model, self.draw),
-                                  plan.extract_marker)
-        self.mark("extract", planned, done)
+        jobs = plan.extract_jobs(self.spec, self.model, self.draw)
+        planned, done = self._run("extract", "extract", jobs, plan.extract_marker)
+        outputs = {plan.extract_marker(j): self.store.recorded_files(self.store.marker(plan.extract_marker(j)) or {})
+                   for j in jobs}
+        self.mark("extract", planned, done, outputs=digest_json(outputs))
         if done == planned:
             self.check_filters()   # both filters (train, val) before aggregation and selection start
+
+    def extract_markers(self, split: str | None = None) -> dict[str, dict]:
+        """Marker path -> marker of the planned extraction jobs (of one split), each checked against its job."""
+        out = {}
+        for job in plan.extract_jobs(self.spec, self.model, self.draw):
+            if split is None or job.split == split:
+                m = self.store.marker(plan.extract_marker(job))
+                if not plan.is_done(m, job):
+                    raise StageError(f"model {self.key!r}: extraction job {job.job_id} has no marker for its inputs; "
+                                     "rerun the run to redo it")
+                out[plan.extract_marker(job)] = m
+        return out
 
     def aggregate(self) -> None:
         if self.stage_done("aggregate"):
             return
+        self.require("extract")
+        markers = self.extract_markers("train")
+        bad = self.store.bad_files({rel: sha for m in markers.values() for rel, sha in self.store.recorded_files(m).items()
+                                    if rel != m["data"]})   # sums and prompts shards (small); --verify reads the rest
+        if bad:
+            raise StageError(f"model {self.key!r}: {len(bad)} extraction output(s) do not match their markers "
+                             f"(e.g. {self.store.url(bad[0])}); rerun with --verify to recompute them")
         self.check_filters()
-        counts = aggregate_means(self.store, self.run_id, self.key, "train", self.spec.selection.prune_norm)
-        self.mark("aggregate", 1, 1, **counts)
+        with self.store.recording() as files:
+            counts = aggregate_means(self.store, self.run_id, self.key, "train", self.spec.selection.prune_norm,
+                                     markers=markers)
+        self.mark("aggregate", 1, 1, files, **counts)
 
     def kept_prompts(self, split: str, label: str) -> list[Prompt]:
         """Prompts of a split whose extraction marked them kept (the paper's filter), in draw order."""
         rows = []
-        for job in plan.extract_jobs(self.spec, self.model, self.draw):
-            if job.split != split or job.label != label:
+        for m in self.extract_markers(split).values():
+            if m.get("label") != label:
                 continue
-            t = self.store.read_table(layout.prompts_shard(self.run_id, self.key, split, label, job.index))
-            t = t.filter(pc.field("kept"))
+            t = self.store.read_table(m["prompts"], sha256=m["prompts_sha256"]).filter(pc.field("kept"))
             rows += [Prompt(prompt_id=p, instruction=i, category=c) for p, i, c in
                      zip(t["prompt_id"].to_pylist(), t["instruction"].to_pylist(), t["category"].to_pylist())]
         return rows
@@ -183,20 +226,24 @@ class ModelRun:
     def select(self) -> None:
         if self.stage_done("select"):
             return
+        agg = self.require("aggregate")
         kept = self._check_kept("val")
-        cands = self.store.read_table(layout.candidates_table(self.run_id, self.key))
+        rel = layout.candidates_table(self.run_id, self.key)
+        cands = self.store.read_table(rel, sha256=agg["files"][rel])
         live = cands.filter(pc.invert(pc.field("skipped")))
         pairs = list(zip(live["position"].to_pylist(), live["layer"].to_pylist()))
-        jobs = plan.score_jobs(self.spec, self.model, pairs, kept["harmful"], kept["harmless"])
+        jobs = plan.score_jobs(self.spec, self.model, pairs, kept["harmful"], kept["harmless"], agg["files"][rel])
         planned, done = self._run("select", "score", jobs, plan.score_marker)
         if done < planned:
             self.mark("select", planned, done)
             return
-        self._choose(cands, jobs)
-        self.mark("select", planned, done)
+        with self.store.recording() as files:
+            self._choose(cands, jobs)
+        self.mark("select", planned, done, files)
 
     def _choose(self, cands: pa.Table, jobs: list) -> None:
-        tables = [self.store.read_table(layout.score_shard(self.run_id, self.key, j.index)) for j in jobs]
+        tables = [self.store.read_table(m["data"], sha256=m["sha256"])
+                  for m in (self.store.marker(plan.score_marker(j)) for j in jobs)]
         rows = pa.concat_tables(tables).to_pylist() if tables else []
         n_layers = int(pc.max(cands["layer"]).as_py()) + 1
         choice, annotated = select_direction(rows, n_layers, self.spec.selection)
@@ -228,11 +275,13 @@ class ModelRun:
     def evaluate(self) -> None:
         if self.stage_done("evaluate"):
             return
-        jobs = plan.eval_jobs(self.spec, self.model, self.draw)
+        sel = self.require("select")
+        jobs = plan.eval_jobs(self.spec, self.model, self.draw, sel["files"][layout.direction_json(self.run_id, self.key)])
         planned, done = self._run("evaluate", "evaluate", jobs, plan.eval_marker)
-        if done == planned:
-            self._summarise(jobs)
-        self.mark("evaluate", planned, done)
+        with self.store.recording() as files:
+            if done == planned:
+                self._summarise(jobs)
+        self.mark("evaluate", planned, done, files)
 
     def _summarise(self, jobs: list) -> None:
         """Completions -> evals rows (rates per judge, Wilson 95 % interval) + damage metrics, one file per
@@ -294,13 +343,18 @@ class ModelRun:
 
 
 def write_run_json(store: Store, spec: RunSpec, versions: dict) -> None:
-    """Write runs/{id}/run.json first; refuse a stored run whose identity differs."""
+    """Write runs/{id}/run.json first (the run id, its identity and the spec, stored once); refuse a stored run
+    whose identity differs."""
     rel = layout.run_json(spec.run_id)
     if store.exists(rel):
-        stored = store.read_json(rel)
+        try:
+            stored = store.read_json(rel)
+        except ValueError:
+            raise StageError(f"{store.url(rel)} is unreadable (truncated?); restore it or delete "
+                             f"{layout.run_dir(spec.run_id)} to start over") from None
         if stored.get("identity") != spec.identity():
-            raise StageError(f"run {spec.run_id} in {store.uri} was stored with a different spec; rename the run "
-                             "(`name` in the spec) or delete runs/{spec.run_id} to start over")
+            raise StageError(f"run {spec.run_id} in {store.uri} was stored with a different spec or other inputs; "
+                             f"rename the run (`name` in the spec) or delete {layout.run_dir(spec.run_id)} to start over")
         return
     doc = {"run_id": spec.run_id, "spec_hash": spec.spec_hash, "identity": spec.identity(),
            "spec": json.loads(spec.model_dump_json(exclude={"store": {"secret", "key"}})),

@@ -1,18 +1,24 @@
 """Run summaries from the store: per-model status, chosen direction and headline rates.
 
     model_summary(store, spec, "organism") -> {"status": "done", "direction": {...}, "rates": {...}, ...}
-    run_complete(store, spec) -> bool          # every model's manifest marks every stage done
+    run_complete(store, spec) -> bool          # every stage of every model done for the inputs planned now
+
+A stage counts as done only when its manifest says so for the inputs planned now (flows/manifest.py), and
+the numbers shown are read through the sha256 their manifest recorded: a tampered evals file or direction
+is an error naming it (rerun with --verify), never a silently wrong table.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import platform
 
+from refdir.flows import manifest as manifests
 from refdir.schemas import layout
 from refdir.schemas.spec import RunSpec
 
-STAGE_ORDER = ("extract", "aggregate", "select", "evaluate")
+STAGE_ORDER = layout.STAGES
 _PACKAGES = ("refdir", "torch", "transformers", "ray", "prefect", "duckdb", "pyarrow", "s3fs", "numpy")
 
 
@@ -27,8 +33,8 @@ def versions() -> dict:
 
 
 def manifest(store, run_id: str, key: str) -> dict:
-    rel = layout.manifest(run_id, key)
-    return store.read_json(rel) if store.exists(rel) else {"model": key, "stages": {}}
+    """{"model": key, "stages": {stage: its manifest}} (stages without a readable manifest are left out)."""
+    return manifests.model_manifest(store, run_id, key)
 
 
 def model_status(m: dict) -> str:
@@ -38,15 +44,21 @@ def model_status(m: dict) -> str:
     return "incomplete"
 
 
+def chain_status(store, spec: RunSpec, key: str) -> str:
+    """'done' when every stage is done for the inputs planned now (the digest chain holds), else 'incomplete'."""
+    return "done" if all(ok for _, ok in manifests.chain(store, spec, key).values()) else "incomplete"
+
+
 def run_complete(store, spec: RunSpec) -> bool:
-    return all(model_status(manifest(store, spec.run_id, m.key)) == "done" for m in spec.models)
+    return all(chain_status(store, spec, m.key) == "done" for m in spec.models)
 
 
 def rates(store, run_id: str, key: str) -> dict[str, dict[str, float]]:
-    """{dataset/intervention: {metric[:judge]: value}} from the model's evals files."""
+    """{dataset/intervention: {metric[:judge]: value}} from the evals files the evaluate manifest vouches for."""
+    m = manifests.read(store, run_id, key, "evaluate") or {}
     out: dict[str, dict[str, float]] = {}
-    for rel in store.glob(f"{layout.model_dir(run_id, key)}/evals/*.parquet"):
-        for r in store.read_table(rel).to_pylist():
+    for rel, sha in sorted((m.get("files") or {}).items()):
+        for r in store.read_table(rel, sha256=sha).to_pylist():
             name = r["metric"] if r["judge"] in ("", "substring") else f"{r['metric']}:{r['judge']}"
             out.setdefault(f"{r['dataset']}/{r['intervention']}", {})[name] = r["value"]
             if r.get("ci_low") is not None:   # a rate: its Wilson 95 % interval, for the CLI table
@@ -54,13 +66,20 @@ def rates(store, run_id: str, key: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def direction(store, run_id: str, key: str) -> dict | None:
+    """direction.json as the select manifest vouches for it, or None before selection."""
+    m = manifests.read(store, run_id, key, "select") or {}
+    rel = layout.direction_json(run_id, key)
+    sha = (m.get("files") or {}).get(rel)
+    return json.loads(store.read_verified(rel, sha)) if sha else None
+
+
 def model_summary(store, spec: RunSpec, key: str) -> dict:
     m = manifest(store, spec.run_id, key)
-    out = {"model": key, "status": model_status(m),
+    out = {"model": key, "status": chain_status(store, spec, key),
            "stages": {s: {k: m["stages"].get(s, {}).get(k) for k in ("status", "planned", "done")} for s in STAGE_ORDER}}
-    rel = layout.direction_json(spec.run_id, key)
-    if store.exists(rel):
-        d = store.read_json(rel)
+    d = direction(store, spec.run_id, key)
+    if d is not None:
         out["direction"] = {k: d[k] for k in ("position", "layer", "bypass_score", "induce_score", "kl_score", "fallback")}
     out["rates"] = rates(store, spec.run_id, key)
     return out

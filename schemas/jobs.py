@@ -42,6 +42,7 @@ class ExtractJob(_Job):
     activation_dtype: Literal["float32", "float16"] = "float32"
     batch_size: int = 32
     filter_prompts: bool = Field(True, description="Apply the paper's refusal-score filter to this slice's sums.")
+    input_digest: str = Field("", description="Digest of every input the output depends on (flows/plan.py); its marker records it, and a job is done only when they match.")
 
     @property
     def job_id(self) -> str:
@@ -59,6 +60,7 @@ class ScoreJob(_Job):
     harmful_val: list[Prompt]
     harmless_val: list[Prompt]
     batch_size: int = 32
+    input_digest: str = Field("", description="Digest of every input the output depends on (flows/plan.py); its marker records it, and a job is done only when they match.")
 
     @property
     def job_id(self) -> str:
@@ -78,6 +80,7 @@ class EvalJob(_Job):
     max_new_tokens: int = 512
     batch_size: int = 32
     judges: list[str] = ["substring"]
+    input_digest: str = Field("", description="Digest of every input the output depends on (flows/plan.py); its marker records it, and a job is done only when they match.")
 
     @property
     def job_id(self) -> str:

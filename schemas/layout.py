@@ -1,8 +1,9 @@
 """Store layout: every path refdir writes, relative to the store root.
 
 One root (a local folder, file:// or s3://bucket/prefix) holds all runs. Data objects are written
-first, then a done-marker (JSON: rows, sha256), then the stage manifest last; readers list markers,
-never data files, so a shard without a marker does not exist.
+first, then a done-marker (JSON: rows, sha256), then the stage manifest last; each records the sha256
+of what it vouches for and the digest of the inputs it was made from. Readers list markers, never data
+files, so a shard without a marker does not exist. Every path refdir uses is built here and nowhere else.
 
     runs/{run_id}/run.json
     runs/{run_id}/{model}/activations/split={split}/label={label}/part-{job:05d}.parquet
@@ -16,17 +17,18 @@ never data files, so a shard without a marker does not exist.
     runs/{run_id}/{model}/completions/{dataset}/{intervention}/part-{job:05d}.parquet (+ _done/)
     runs/{run_id}/{model}/evals/{dataset}-{intervention}.parquet
     runs/{run_id}/{model}/model.parquet                     the model's row of `runs`
-    runs/{run_id}/{model}/_manifest.json
+    runs/{run_id}/{model}/_manifest/{stage}.json            one per stage, written last by that stage
+    runs/{run_id}/{model}/_manifest/model.json              vouches for model.parquet
     runs/{run_id}/{model}/_heartbeat.json                  stage running now (refreshed), or how the model failed
     runs/{run_id}/{model}/error.log                       full traceback of the model's last failure
-    runs/{run_id}/report.html
+    runs/{run_id}/report.html, _manifest/report.json
     models/organism-seed{seed}/   the refusal model organism built by `refdir organism`/`refdir demo`
 """
 
 from __future__ import annotations
 
-STAGES = ("prompts", "extract", "aggregate", "select", "evaluate")
-SPLITS = ("train", "val")
+STAGES = ("extract", "aggregate", "select", "evaluate")   # the one stage order
+SPLITS = ("train", "val")                                   # splits with activations (test is only evaluated)
 LABELS = ("harmful", "harmless")
 
 
@@ -51,8 +53,28 @@ def model_row(run_id: str, model: str) -> str:
     return f"{model_dir(run_id, model)}/model.parquet"
 
 
-def manifest(run_id: str, model: str) -> str:
-    return f"{model_dir(run_id, model)}/_manifest.json"
+def manifest_dir(run_id: str, model: str) -> str:
+    return f"{model_dir(run_id, model)}/_manifest"
+
+
+def stage_manifest(run_id: str, model: str, stage: str) -> str:
+    """The stage's manifest: status, planned/done, input and outputs digests, {file: sha256} of its own files."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
+    return f"{manifest_dir(run_id, model)}/{stage}.json"
+
+
+def model_row_manifest(run_id: str, model: str) -> str:
+    return f"{manifest_dir(run_id, model)}/model.json"
+
+
+def report_manifest(run_id: str) -> str:
+    return f"{run_dir(run_id)}/_manifest/report.json"
+
+
+def model_manifest_glob(run_id: str) -> str:
+    """Stage manifests of every model of a run (the model key is the third path part)."""
+    return f"{run_dir(run_id)}/*/_manifest/*.json"
 
 
 def heartbeat(run_id: str, model: str) -> str:
@@ -69,7 +91,7 @@ def activation_shard(run_id: str, model: str, split: str, label: str, job: int) 
 
 
 def activation_marker(run_id: str, model: str, split: str, label: str, job: int) -> str:
-    return f"{model_dir(run_id, model)}/activations/_done/{split}-{label}-{job:05d}.json"
+    return f"{activation_markers_dir(run_id, model)}/{split}-{label}-{job:05d}.json"
 
 
 def activation_markers_dir(run_id: str, model: str) -> str:
@@ -98,7 +120,11 @@ def score_shard(run_id: str, model: str, job: int) -> str:
 
 
 def score_marker(run_id: str, model: str, job: int) -> str:
-    return f"{model_dir(run_id, model)}/scores/_done/{job:05d}.json"
+    return f"{score_markers_dir(run_id, model)}/{job:05d}.json"
+
+
+def score_markers_dir(run_id: str, model: str) -> str:
+    return f"{model_dir(run_id, model)}/scores/_done"
 
 
 def scores_table(run_id: str, model: str) -> str:
@@ -123,11 +149,25 @@ def completion_shard(run_id: str, model: str, dataset: str, intervention: str, j
 
 
 def completion_marker(run_id: str, model: str, dataset: str, intervention: str, job: int) -> str:
-    return f"{model_dir(run_id, model)}/completions/_done/{dataset}-{intervention}-{job:05d}.json"
+    return f"{completion_markers_dir(run_id, model)}/{dataset}-{intervention}-{job:05d}.json"
+
+
+def completion_markers_dir(run_id: str, model: str) -> str:
+    return f"{model_dir(run_id, model)}/completions/_done"
+
+
+def evals_dir(run_id: str, model: str) -> str:
+    return f"{model_dir(run_id, model)}/evals"
+
+
+def job_markers_dir(run_id: str, model: str, stage: str) -> str | None:
+    """The folder of a stage's job markers; None for aggregate, which has no jobs."""
+    folders = {"extract": activation_markers_dir, "select": score_markers_dir, "evaluate": completion_markers_dir}
+    return folders[stage](run_id, model) if stage in folders else None
 
 
 def evals_table(run_id: str, model: str, dataset: str, intervention: str) -> str:
-    return f"{model_dir(run_id, model)}/evals/{dataset}-{intervention}.parquet"
+    return f"{evals_dir(run_id, model)}/{dataset}-{intervention}.parquet"
 
 
 def organism_dir(seed: int) -> str:

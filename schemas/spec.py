@@ -2,11 +2,14 @@
 
 `RunSpec` is the only thing a user writes. Every field carries a description, and
 `infra/specs/example.toml` mirrors the model in the same order (tests/test_spec.py keeps them in
-step). The run id is the run name plus a hash of the fields that change results (models, prompts,
-extraction, selection, generation, evaluation); where the data lives (`store`) and how much hardware
-computes it (`compute`) are not part of the identity, so a run can move to a cluster and resume.
+step). The run id is the run name plus a hash of the run's identity: the settings that change results
+(models, prompts, extraction, selection, generation, evaluation; see IDENTITY_V1_FIELDS) and the content
+digests of its inputs (the drawn prompts' text, each model's weights and tokenizer), resolved once by
+`refdir.workers.identity.resolve_inputs` and stored in run.json; `refdir resume` reuses the stored id.
+Where the data lives (`store`), how much hardware computes it (`compute`) and resume options such as
+`selection.allow_fallback` are not part of it, so a run can move to a cluster and resume.
 
-    spec = load_spec("infra/specs/example.toml")
+    spec = resolve_inputs(load_spec("infra/specs/example.toml"))
     spec.run_id  # 'nightly-3f9c2a1b7d'
 """
 
@@ -19,7 +22,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -173,8 +176,8 @@ class RunSpec(_Frozen):
         return self
 
     def identity(self) -> dict:
-        """The fields that determine results (hashed into the run id)."""
-        return self.model_dump(mode="json", exclude={"store", "compute"})
+        """What the run id hashes: the identity version, the settings and the inputs' content digests."""
+        return {"version": IDENTITY_VERSION, "settings": self.settings(), "inputs": self.inputs}
 
     @property
     def spec_hash(self) -> str:
@@ -183,13 +186,66 @@ class RunSpec(_Frozen):
 
     @property
     def run_id(self) -> str:
-        return f"{self.name}-{self.spec_hash}"
+        """name-<hash of identity()>, or the id stored in run.json for a resumed run (never recomputed)."""
+        return self._stored_id or f"{self.name}-{self.spec_hash}"
 
     def model(self, key: str) -> ModelSpec:
         for m in self.models:
             if m.key == key:
                 return m
-        raise SpecError(f"run {self.run_id} has no model {key!r}; models: {[m.key for m in self.models]}")
+        raise SpecError(f"run {self.name!r} has no model {key!r}; models: {[m.key for m in self.models]}")
+
+
+# ---------------------------------------------------------------- run identity
+#
+# Version 1 hashes, per class, the fields listed here at whatever value they have. A field added to the spec
+# later is hashed only when its value differs from its default, so adding a field with a default keeps every
+# existing run id; changing a listed field's default changes the ids, as it should. Not hashed at all: where the
+# data lives (store), the hardware (compute), selection policy flags that are resume options of the same run
+# (allow_fallback: resuming with it redoes selection and what follows), the optimize search (its trial markers
+# and manifest record the digest of its settings: adding or changing [optimize] reruns the search only),
+# and where the prompts and the model
+# were found: the drawn prompts' text and the model's content digest (RunSpec.inputs) are hashed instead.
+IDENTITY_VERSION = 1
+IDENTITY_V1_FIELDS: dict[str, tuple[str, ...]] = {
+    "RunSpec": ("name", "models", "prompts", "extraction", "selection", "generation", "evaluation"),
+    "ModelSpec": ("key", "gguf_file", "family", "dtype", "trust_remote_code", "refusal_tokens"),
+    "PromptSpec": ("n_train", "n_val", "n_test", "seed", "filter_train", "filter_val"),
+    "ExtractionSpec": ("prompts_per_job", "activation_dtype", "candidates_per_job"),
+    "SelectionSpec": ("max_layer_fraction", "kl_threshold", "induce_threshold", "prune_norm"),
+    "GenerationSpec": ("max_new_tokens", "batch_size"),
+    "EvaluationSpec": ("judges", "prompts_per_job", "ce_pile_source", "ce_alpaca_source", "ce_n", "ce_max_tokens"),
+}
+NOT_IDENTITY = frozenset({
+    "store", "compute", "optimize", "selection.allow_fallback", "models.path", "models.revision",
+    "prompts.harmful_train", "prompts.harmless_train", "prompts.harmful_val", "prompts.harmless_val",
+    "prompts.harmful_test", "prompts.harmless_test", "prompts.instruction_column", "prompts.category_column",
+})
+
+
+def settings_identity(model: BaseModel, where: str = "", v1: dict[str, tuple[str, ...]] = IDENTITY_V1_FIELDS) -> dict:
+    """The identity part of a spec (sub-)model as plain JSON values (see the rules above)."""
+    out = {}
+    listed = v1.get(type(model).__name__, ())
+    for name, info in type(model).model_fields.items():
+        path = f"{where}{name}"
+        if path in NOT_IDENTITY:
+            continue
+        value = getattr(model, name)
+        if name not in listed and value == info.get_default(call_default_factory=True):
+            continue
+        out[name] = _identity_value(value, f"{path}.", v1)
+    return out
+
+
+def _identity_value(value, where: str, v1: dict):
+    if isinstance(value, BaseModel):
+        return settings_identity(value, where, v1)
+    if isinstance(value, (list, tuple)):
+        return [_identity_value(v, where, v1) for v in value]
+    if isinstance(value, dict):
+        return {k: _identity_value(v, where, v1) for k, v in value.items()}
+    return value
 
 
 def parse_spec(data: dict, source: str = "<spec>") -> RunSpec:
@@ -215,3 +271,37 @@ def load_spec(path: str | Path) -> RunSpec:
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{p}: not valid TOML: {e}") from None
     return parse_spec(data, str(p))
+    # run identity: settings + content digests of the inputs, stored once in run.json (see module doc)
+    _inputs: dict | None = PrivateAttr(None)
+    _stored_id: str | None = PrivateAttr(None)
+
+    def settings(self) -> dict:
+        """The settings that change results (hashed into the run id with the inputs' content digests)."""
+        return settings_identity(self)
+
+    @property
+    def inputs(self) -> dict:
+        """Content digests of the run's inputs: {"prompts": ..., "models": {key: ...}} (see with_inputs)."""
+        if self._inputs is None:
+            raise SpecError(f"run {self.name!r}: its inputs (prompt texts, model weights) are not resolved yet; "
+                            "resolve them first (refdir.workers.identity.resolve_inputs)")
+        return self._inputs
+
+    def with_inputs(self, inputs: dict, run_id: str | None = None) -> "RunSpec":
+        """A copy that knows its inputs' digests and so its run id; `run_id` pins a stored id (resume)."""
+        out = self.model_copy()
+        out._inputs, out._stored_id = inputs, run_id
+        return out
+
+    @property
+    def is_resolved(self) -> bool:
+        return self._inputs is not None
+
+    def model_copy(self, *, update: dict | None = None, deep: bool = False) -> "RunSpec":
+        """A copy; an `update` beyond store/compute makes the copy forget its resolved inputs and stored id
+        (they may no longer hold)."""
+        out = super().model_copy(update=update, deep=deep)
+        if update and set(update) - {"store", "compute"}:
+            out._inputs, out._stored_id = None, None
+        return out
+

@@ -25,6 +25,7 @@ from refdir.flows.runner import execute
 from refdir.schemas import layout
 from refdir.schemas.spec import (ComputeSpec, EvaluationSpec, ExtractionSpec, GenerationSpec, ModelSpec, PromptSpec,
                                  RunSpec, SelectionSpec, StoreSpec)
+from refdir.workers.identity import resolve_inputs
 from refdir.workers.prompts import draw_prompts
 from refdir.workers.store import Store
 
@@ -41,21 +42,24 @@ def organism_prompts(n_train=32, n_val=16, n_test=16, filter_on=True) -> PromptS
 
 
 def make_spec(name: str, models: list[ModelSpec], store: str, *, prompts_per_job=8, filter_on=True, **kw) -> RunSpec:
-    return RunSpec(name=name, models=models, prompts=organism_prompts(filter_on=filter_on),
+    """A small organism-prompt spec with its inputs resolved (so spec.run_id is the run's id)."""
+    return resolve_inputs(RunSpec(name=name, models=models, prompts=organism_prompts(filter_on=filter_on),
                    extraction=ExtractionSpec(prompts_per_job=prompts_per_job, candidates_per_job=4),
                    selection=SelectionSpec(allow_fallback=True),
                    generation=GenerationSpec(max_new_tokens=6, batch_size=16),
                    evaluation=EvaluationSpec(prompts_per_job=8),
-                   store=StoreSpec(uri=store), compute=ComputeSpec(batch_size=16, num_workers=1), **kw)
+                   store=StoreSpec(uri=store), compute=ComputeSpec(batch_size=16, num_workers=1), **kw))
 
 
 def expected_artifacts(spec: RunSpec, store: Store) -> set[str]:
     """Every object a finished run must hold, derived from the plan (not from the store)."""
     draw = draw_prompts(spec.prompts)
-    out = {layout.run_json(spec.run_id), layout.report_html(spec.run_id)}
+    out = {layout.run_json(spec.run_id), layout.report_html(spec.run_id), layout.report_manifest(spec.run_id)}
     for m in spec.models:
         r, k = spec.run_id, m.key
-        out |= {layout.model_row(r, k), layout.manifest(r, k), layout.means_table(r, k), layout.candidates_table(r, k),
+        out |= {layout.stage_manifest(r, k, stage) for stage in layout.STAGES} | {layout.model_row_manifest(r, k)}
+        out.add(layout.heartbeat(r, k))
+        out |= {layout.model_row(r, k), layout.means_table(r, k), layout.candidates_table(r, k),
                 layout.scores_table(r, k), layout.direction_json(r, k), layout.direction_tensors(r, k),
                 layout.directions_table(r, k)}
         for j in plan.extract_jobs(spec, m, draw):

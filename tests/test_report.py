@@ -108,9 +108,12 @@ def _key(model: str) -> dict:
     return {"run_id": RUN, "model": model}
 
 
-def _manifest(stages: dict[str, tuple[int, int]]) -> dict:
-    return {"stages": {s: {"status": "done" if d == p else "partial", "planned": p, "done": d,
-                           "finished_at": "2026-01-01T00:00:00Z"} for s, (d, p) in stages.items()}}
+def _manifest(store: Store, key: str, stages: dict[str, tuple[int, int]]) -> None:
+    """One stage manifest per stage, as the pipeline writes them (flows/manifest.py)."""
+    from refdir.flows import manifest
+
+    for stage, (done, planned) in stages.items():
+        manifest.write(store, RUN, key, stage, planned=planned, done=done, input_digest="synthetic")
 
 
 def _selection_tables(store: Store, m: str, direction: np.ndarray) -> None:
@@ -192,9 +195,9 @@ def build_synthetic(root) -> tuple[Store, dict, np.ndarray]:
     _selection_tables(store, m, direction)
     _eval_tables(store, m)
     raw = _activations(store, m, rng)
-    store.write_json(layout.manifest(RUN, m), _manifest({s: (1, 1) for s in ("extract", "aggregate", "select", "evaluate")}))
-    store.write_json(layout.manifest(RUN, "partial"), _manifest({"extract": (1, 4)}))
-    store.write_json(layout.manifest(RUN, "broken"), _manifest({"extract": (4, 4), "aggregate": (1, 1)}))
+    _manifest(store, m, {s: (1, 1) for s in ("extract", "aggregate", "select", "evaluate")})
+    _manifest(store, "partial", {"extract": (1, 4)})
+    _manifest(store, "broken", {"extract": (4, 4), "aggregate": (1, 1)})
     return store, raw, direction / np.linalg.norm(direction)
 
 
@@ -264,6 +267,9 @@ def real_run(prefect_api, ray_cluster, organism_dir, tmp_path_factory):
                    selection=SelectionSpec(allow_fallback=True), generation=GenerationSpec(max_new_tokens=6, batch_size=16),
                    evaluation=EvaluationSpec(prompts_per_job=16),
                    store=StoreSpec(uri=str(tmp / "store")), compute=ComputeSpec(batch_size=16, num_workers=1))
+    from refdir.workers.identity import resolve_inputs
+
+    spec = resolve_inputs(spec)   # the run id comes from the prompts' and models' content
     summary = execute(spec)
     return Store.open(str(tmp / "store")), spec, summary
 

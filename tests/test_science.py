@@ -24,6 +24,7 @@ from refdir.flows.runner import execute
 from refdir.flows.sql import run_sql
 from refdir.schemas import layout
 from refdir.schemas.spec import ModelSpec
+from refdir.workers.identity import resolve_inputs
 from refdir.workers.store import Store
 from tests.test_pipeline import make_spec
 
@@ -34,9 +35,9 @@ pytestmark = pytest.mark.slow
 def science_run(prefect_api, ray_cluster, organism_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("science") / "store"
     spec = make_spec("science", [ModelSpec(key="organism", path=str(organism_dir))], str(root), prompts_per_job=16)
-    spec = spec.model_copy(update={
+    spec = resolve_inputs(spec.model_copy(update={   # the run id comes from the prompts' and model's content
         "prompts": spec.prompts.model_copy(update={"n_train": 64, "n_val": 32, "n_test": 48}),
-        "selection": spec.selection.model_copy(update={"allow_fallback": False})})
+        "selection": spec.selection.model_copy(update={"allow_fallback": False})}))
     summary = execute(spec)
     assert summary["models"]["organism"]["status"] == "done", summary
     return spec, Store.open(str(root)), summary["models"]["organism"]["rates"]
@@ -132,10 +133,8 @@ def test_selection_and_evaluation_resume_without_duplicates(science_run):
 
     spec, store, _ = science_run
     r, k = spec.run_id, "organism"
-    manifest = store.read_json(layout.manifest(r, k))
     for stage in ("select", "evaluate"):
-        manifest["stages"].pop(stage)
-    store.write_json(layout.manifest(r, k), manifest)
+        store.delete(layout.stage_manifest(r, k, stage))
     score_markers = sorted(store.glob(f"{layout.model_dir(r, k)}/scores/_done/*.json"))
     eval_markers = sorted(store.glob(f"{layout.model_dir(r, k)}/completions/_done/*.json"))
     lost = [score_markers[0], eval_markers[0], eval_markers[-1]]
@@ -182,4 +181,8 @@ def test_verify_redoes_corrupt_and_missing_shards(science_run):
     assert summary["models"][k]["status"] == "done"
     assert store.verify(act_marker) and store.verify(eval_marker)
     assert store.read_json(act_marker)["written_at"] != time_before
-    assert all(store.read_json(m)["written_at"] == ts for m, ts in others.items())
+    # everything derived from the recomputed activation shard is redone (aggregate -> scores -> every evaluation
+    # that reads the direction); the other extraction jobs and the baseline completions are not
+    redone = {m for m, ts in others.items() if store.read_json(m)["written_at"] != ts}
+    derived = {m for m in others if "/scores/_done/" in m or ("/completions/_done/" in m and "-baseline-" not in m)}
+    assert redone == derived and derived

@@ -3,7 +3,8 @@
     .venv/bin/python -m pytest tests/test_spec.py -q
 
 Fast (no models): example.toml mirrors RunSpec field by field and in order; paper-13.toml is a valid
-paper-settings spec; the run id is stable and ignores only [store] and [compute]; bad specs give one
+paper-settings spec; the run id is stable, hashes settings and input content (not [store], [compute],
+allow_fallback or where prompts and models were found), and a field added later keeps old ids; bad specs give one
 clear SpecError; the compose, Ray launcher and KubeRay YAML parse and hold what infra/README.md says;
 every `refdir` command and flag quoted under infra/ exists in the CLI.
 """
@@ -221,36 +222,95 @@ def test_paper_split_file_names_draw_with_the_official_data():
 
 # ------------------------------------------------------------------ run id
 
+INPUTS = {"prompts": "sha256:" + "1" * 64, "models": {"m": "sha256:" + "2" * 64}}
+
+
+def _run_id(spec: RunSpec, inputs: dict = INPUTS) -> str:
+    return spec.with_inputs(inputs).run_id
+
+
 def test_run_id_is_stable_and_named():
     a, b = load_spec(EXAMPLE), load_spec(EXAMPLE)
-    assert a.run_id == b.run_id and re.fullmatch(r"example-[0-9a-f]{10}", a.run_id)
-    assert parse_spec(json.loads(a.model_dump_json())).run_id == a.run_id
+    inputs = {"prompts": INPUTS["prompts"], "models": {m.key: "sha256:x" for m in a.models}}
+    assert _run_id(a, inputs) == _run_id(b, inputs) and re.fullmatch(r"example-[0-9a-f]{10}", _run_id(a, inputs))
+    assert _run_id(parse_spec(json.loads(a.model_dump_json())), inputs) == _run_id(a, inputs)
+
+
+def test_run_id_needs_resolved_inputs_and_a_stored_id_wins():
+    spec = parse_spec(_spec_dict())
+    with pytest.raises(SpecError, match="not resolved"):
+        spec.run_id
+    assert spec.with_inputs(INPUTS, "t-stored").run_id == "t-stored"
+    assert not spec.with_inputs(INPUTS).model_copy(update={"name": "u"}).is_resolved, \
+        "a changed copy must not keep the old inputs"
 
 
 @pytest.mark.parametrize("field, value", [
-    ("prompts.seed", 7), ("prompts.n_train", 64), ("prompts.harmful_train", "builtin:harmless"),
-    ("selection.kl_threshold", 0.2), ("generation.max_new_tokens", 64), ("extraction.activation_dtype", "float16"),
-    ("evaluation.judges", ["substring", "llamaguard:/models/guard"]), ("models.0.revision", "abc123"),
-    ("models.0.dtype", "bfloat16"), ("name", "other"),
+    ("prompts.seed", 7), ("prompts.n_train", 64), ("selection.kl_threshold", 0.2), ("generation.max_new_tokens", 64),
+    ("extraction.activation_dtype", "float16"), ("evaluation.judges", ["substring", "llamaguard:/models/guard"]),
+    ("models.0.dtype", "bfloat16"), ("models.0.key", "m2"), ("name", "other"),
 ])
 def test_run_id_changes_with_result_fields(field, value):
-    assert parse_spec(_spec_dict(**{field: value})).run_id != parse_spec(_spec_dict()).run_id
+    inputs = {**INPUTS, "models": {"m2" if value == "m2" else "m": INPUTS["models"]["m"]}}
+    assert _run_id(parse_spec(_spec_dict(**{field: value})), inputs) != _run_id(parse_spec(_spec_dict()))
+
+
+def test_run_id_changes_with_the_inputs_content():
+    spec = parse_spec(_spec_dict())
+    assert _run_id(spec, {**INPUTS, "prompts": "sha256:" + "3" * 64}) != _run_id(spec)
+    assert _run_id(spec, {**INPUTS, "models": {"m": "hub:some/model@" + "4" * 40}}) != _run_id(spec)
 
 
 @pytest.mark.parametrize("field, value", [
     ("store.uri", "s3://bucket/prefix"), ("store.endpoint_url", "http://127.0.0.1:9000"), ("store.key", "k"),
     ("store.secret", "s"), ("compute.ray_address", "ray://head:10001"), ("compute.num_workers", 8),
     ("compute.gpus_per_worker", 4.0), ("compute.batch_size", 8), ("compute.max_retries", 0),
+    ("selection.allow_fallback", True),                       # a resume option of the same run
+    ("prompts.harmful_train", "file:/elsewhere/harmful.json"),  # where prompts were found: their text is hashed
+    ("models.0.path", "/moved/folder"), ("models.0.revision", "main"),   # the model's content digest is hashed
 ])
-def test_run_id_ignores_store_and_compute(field, value):
-    assert parse_spec(_spec_dict(**{field: value})).run_id == parse_spec(_spec_dict()).run_id
+def test_run_id_ignores_location_hardware_policy_and_names(field, value):
+    assert _run_id(parse_spec(_spec_dict(**{field: value}))) == _run_id(parse_spec(_spec_dict()))
 
 
-def test_store_and_compute_are_the_only_fields_outside_the_identity():
-    outside = set(RunSpec.model_fields) - set(parse_spec(_spec_dict()).identity())
-    assert outside == {"store", "compute"}
+def test_store_compute_and_optimize_are_the_only_top_level_fields_outside_the_identity():
+    # optimize: the search's markers and manifest carry the digest of its settings (flows/optimize.py)
+    outside = set(RunSpec.model_fields) - set(parse_spec(_spec_dict()).settings())
+    assert outside == {"store", "compute", "optimize"}
     assert RunSpec.model_fields["store"].annotation is StoreSpec
     assert RunSpec.model_fields["compute"].annotation is ComputeSpec
+
+
+def test_a_field_added_after_identity_v1_keeps_old_ids_at_its_default():
+    from pydantic import create_model
+
+    from refdir.schemas.spec import settings_identity
+
+    v1 = {"S": ("a",)}
+    old = create_model("S", a=(int, 1))
+    new = create_model("S", a=(int, 1), b=(int, 2))     # b added later, with a default
+    assert settings_identity(new(), v1=v1) == settings_identity(old(), v1=v1) == {"a": 1}
+    assert settings_identity(new(b=3), v1=v1) == {"a": 1, "b": 3}
+    assert settings_identity(old(a=1), v1={"S": ()}) == {}, "an unlisted field is hashed only off its default"
+
+
+def test_every_spec_field_is_v1_or_has_a_default():
+    """A field outside IDENTITY_V1_FIELDS is hashed only off its default: it must have one."""
+    from refdir.schemas.spec import IDENTITY_V1_FIELDS, NOT_IDENTITY
+
+    def walk(cls, where=""):
+        for name, info in cls.model_fields.items():
+            path = f"{where}{name}"
+            if path in NOT_IDENTITY:
+                continue
+            if name not in IDENTITY_V1_FIELDS.get(cls.__name__, ()):
+                assert not info.is_required(), f"{path} was added after identity v1 and has no default"
+            sub = typing.get_args(info.annotation) or (info.annotation,)
+            for t in sub:
+                if isinstance(t, type) and issubclass(t, BaseModel):
+                    walk(t, f"{path}.")
+
+    walk(RunSpec)
 
 
 # ------------------------------------------------------------------ bad input: one clear SpecError

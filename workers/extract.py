@@ -10,7 +10,8 @@ positions and, from the same logits, each prompt's baseline refusal score. The j
   (harmful score > 0, harmless score < 0), so means are exact and cheap to aggregate;
 - prompts: instruction, category, refusal score, kept flag;
 
-then the done-marker naming all three. A job whose marker exists is skipped (rerun = resume).
+then the done-marker naming all three with their sha256 and the job's input digest. A job whose marker
+vouches for the same input digest is skipped (rerun = resume); any other marker is overwritten.
 """
 
 from __future__ import annotations
@@ -138,25 +139,22 @@ def run_extract(lm: LoadedModel, store: Store, job: ExtractJob) -> Receipt:
     """Run one extraction job unless its marker exists; data objects first, marker last."""
     run, key = job.run_id, job.model.key
     marker_rel = layout.activation_marker(run, key, job.split, job.label, job.index)
-    if (done := store.receipt_if_done(marker_rel, job.job_id)) is not None:
+    if (done := store.receipt_if_done(marker_rel, job.job_id, job.input_digest)) is not None:
         return done
     t0 = time.perf_counter()
     cap = forward_capture(lm, [p.instruction for p in job.prompts], job.batch_size, job.label, job.filter_prompts)
-    acts, scores, kept = cap.acts, cap.scores, cap.kept
-    data_rel = layout.activation_shard(run, key, job.split, job.label, job.index)
     sums_rel = layout.sums_shard(run, key, job.split, job.label, job.index)
     prompts_rel = layout.prompts_shard(run, key, job.split, job.label, job.index)
-    n_pos = acts.shape[2]
-    rows, sha = store.write_table(data_rel, activation_table(job, acts, job.activation_dtype), table_name="activations",
-                                  run_id=run, row_group_size=len(job.prompts) * n_pos)
     _, sums_sha = store.write_table(sums_rel, sums_table(job, cap), table_name="sums", run_id=run)
-    _, prompts_sha = store.write_table(prompts_rel, prompts_table(job, scores, kept), table_name="prompts", run_id=run)
-    seconds = time.perf_counter() - t0
-    store.write_json(marker_rel, {
-        "job_id": job.job_id, "data": data_rel, "rows": rows, "sha256": sha, "sums": sums_rel, "sums_sha256": sums_sha,
-        "prompts": prompts_rel, "prompts_sha256": prompts_sha,
-        "n_prompts": len(job.prompts), "n_kept": int(kept.sum()), "seconds": seconds,
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
-    logger.info("%s %s: %d rows, %d/%d kept, %.2fs", key, job.job_id, rows, kept.sum(), len(job.prompts), seconds)
-    return Receipt(job_id=job.job_id, uri=store.url(data_rel), rows=rows, sha256=sha, seconds=seconds)
+    _, prompts_sha = store.write_table(prompts_rel, prompts_table(job, cap.scores, cap.kept), table_name="prompts",
+                                       run_id=run)
+    n_kept = int(cap.kept.sum())
+    receipt = store.commit(layout.activation_shard(run, key, job.split, job.label, job.index),
+                           activation_table(job, cap.acts, job.activation_dtype), marker_rel,
+                           table_name="activations", run_id=run, job_id=job.job_id, input_digest=job.input_digest,
+                           sums=sums_rel, sums_sha256=sums_sha, prompts=prompts_rel, prompts_sha256=prompts_sha,
+                           split=job.split, label=job.label, n_prompts=len(job.prompts), n_kept=n_kept,
+                           seconds=time.perf_counter() - t0)
+    logger.info("%s %s: %d rows, %d/%d kept, %.2fs", key, job.job_id, receipt.rows, n_kept, len(job.prompts),
+                receipt.seconds)
+    return receipt

@@ -73,7 +73,7 @@ def run_score(lm: LoadedModel, store: Store, job: ScoreJob, vectors: dict[tuple[
     """Score job.candidates ((position, layer) keys into `vectors`) unless the job's marker exists."""
     run, key = job.run_id, job.model.key
     marker_rel = layout.score_marker(run, key, job.index)
-    if (done := store.receipt_if_done(marker_rel, job.job_id)) is not None:
+    if (done := store.receipt_if_done(marker_rel, job.job_id, job.input_digest)) is not None:
         return done
     t0 = time.perf_counter()
     rows = []
@@ -89,6 +89,7 @@ def run_score(lm: LoadedModel, store: Store, job: ScoreJob, vectors: dict[tuple[
     }, schema=scores_schema())
     data_rel = layout.score_shard(run, key, job.index)
     receipt = store.commit(data_rel, table, marker_rel, table_name="scores", run_id=run, job_id=job.job_id,
+                           input_digest=job.input_digest,
                            seconds=time.perf_counter() - t0)
     logger.info("%s %s: %d candidates in %.2fs", key, job.job_id, n, receipt.seconds)
     return receipt

@@ -21,9 +21,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
@@ -42,12 +43,12 @@ logger = logging.getLogger(__name__)
 _FLOAT_BSS = (pa.float32(), pa.float64())  # DuckDB 2.0.1 cannot read byte-stream-split float16
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 class StoreError(RuntimeError):
     """The store cannot be used: unreachable, refused credentials, missing bucket, not a folder, not writable."""
+
+
+class CorruptFile(StoreError):
+    """A stored file does not match the sha256 its marker or manifest recorded (truncated, edited, missing)."""
 
 
 # ---------------------------------------------------------------- error classification
@@ -95,9 +96,20 @@ class Store:
         self._root = root       # the root as the filesystem names it: /abs/path or bucket/prefix
         self._endpoint = endpoint
         self.is_local = isinstance(fs, LocalFileSystem)
+        self._journal: dict[str, str] | None = None
+        self._warned: set[str] = set()    # unreadable markers already named (one line each)
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r})"
+
+    @contextmanager
+    def recording(self) -> Iterator[dict[str, str]]:
+        """Collect {path: sha256} of every object this Store object writes inside the block (for a manifest)."""
+        outer, self._journal = self._journal, {}
+        try:
+            yield self._journal
+        finally:
+            self._journal = outer
 
     # ------------------------------------------------------------ opening
 
@@ -224,30 +236,35 @@ class Store:
         except Exception as e:  # noqa: BLE001
             raise self._store_error(e, f"checking {rel} in") from None
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Atomic write: local = temp file in the same folder + os.replace; s3 = one PUT."""
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """The one commit path for every object: atomic write (local: a temp name in the same folder, then
+        os.replace; S3: one PUT). Returns the sha256 of the bytes, for the caller's marker or manifest."""
         path = self._path(rel)
+        digest = hashlib.sha256(data).hexdigest()
+        if self._journal is not None:
+            self._journal[rel.strip("/")] = digest
         if not self.is_local:
             try:
                 self.fs.pipe_file(path, data if isinstance(data, (bytes, bytearray)) else bytes(data))
             except Exception as e:  # noqa: BLE001
                 raise self._store_error(e, f"writing {rel} to") from None
-            return
+            return digest
         folder = os.path.dirname(path)
+        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}.part")
         try:
             os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the process umask applies
         except OSError as e:
             raise StoreError(f"cannot write {rel} in store {self.uri}: {e.strerror or e}; make the folder writable") from None
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600; stored files get the usual umask mode
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+        return digest
 
     def read_bytes(self, rel: str) -> bytes:
         """The object's bytes; FileNotFoundError when it does not exist."""
@@ -258,11 +275,23 @@ class Store:
         except Exception as e:  # noqa: BLE001
             raise self._store_error(e, f"reading {rel} from") from None
 
-    def write_json(self, rel: str, obj: Any) -> None:
-        self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+    def write_json(self, rel: str, obj: Any) -> str:
+        """Write JSON through the commit path; returns its sha256."""
+        return self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
+
+    def read_verified(self, rel: str, sha256: str) -> bytes:
+        """The object's bytes, or CorruptFile when they are not the ones recorded."""
+        try:
+            data = self.read_bytes(rel)
+        except FileNotFoundError:
+            raise CorruptFile(f"{self.url(rel)} is missing (recorded sha256 {sha256[:12]}); rerun with --verify") from None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise CorruptFile(f"{self.url(rel)} does not match its recorded sha256 {sha256[:12]} (truncated or "
+                              "edited); rerun with --verify to recompute it and what was derived from it")
+        return data
 
     # ------------------------------------------------------------ Parquet
 
@@ -286,9 +315,13 @@ class Store:
         self.write_bytes(rel, memoryview(buf))
         return table.num_rows, digest
 
-    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
-        """Read a refdir Parquet file; SchemaVersionError when its schema version is not this code's."""
-        if self.is_local:
+    def read_table(self, rel: str, columns: list[str] | None = None, sha256: str | None = None) -> pa.Table:
+        """Read a refdir Parquet file; SchemaVersionError when its schema version is not this code's.
+
+        With `sha256` (from the file's marker or manifest) the bytes are checked first (CorruptFile)."""
+        if sha256 is not None:
+            source: Any = pa.BufferReader(self.read_verified(rel, sha256))
+        elif self.is_local:
             source: Any = self._path(rel)
             if not os.path.exists(source):
                 raise FileNotFoundError(f"{source} does not exist")
@@ -302,55 +335,77 @@ class Store:
 
     def commit(self, data_rel: str, table: pa.Table, marker_rel: str, *, table_name: str, run_id: str,
                job_id: str, **extra: Any) -> Receipt:
-        """Write the data object, then its done-marker {job_id, data, rows, sha256, written_at, **extra}."""
+        """Write the data object, then its done-marker {job_id, data, rows, sha256, written_at, **extra}.
+
+        `extra` carries the job's `input_digest` (what the marker vouches for) and further `<k>`/`<k>_sha256`
+        pairs of objects the job wrote before (verify() checks them all)."""
         t0 = time.perf_counter()
         rows, digest = self.write_table(data_rel, table, table_name=table_name, run_id=run_id)
-        marker = {"job_id": job_id, "data": data_rel, "rows": rows, "sha256": digest,
-                  "written_at": datetime.now(timezone.utc).isoformat(), **extra}
-        self.write_json(marker_rel, marker)
+        self.write_marker(marker_rel, job_id=job_id, data=data_rel, rows=rows, sha256=digest, **extra)
         seconds = extra.get("seconds")   # the job's own time when the caller measured it, else the write's
         return Receipt(job_id=job_id, uri=self.url(data_rel), rows=rows, sha256=digest,
                        seconds=float(seconds) if seconds is not None else time.perf_counter() - t0)
 
-    def receipt_if_done(self, marker_rel: str, job_id: str) -> Receipt | None:
-        """The receipt of a job whose done-marker exists (it is skipped), else None."""
+    def write_marker(self, marker_rel: str, **fields: Any) -> str:
+        """A done-marker or manifest, written last: the objects it names (with their sha256) are committed."""
+        return self.write_json(marker_rel, {**fields, "written_at": datetime.now(timezone.utc).isoformat()})
+
+    def receipt_if_done(self, marker_rel: str, job_id: str, input_digest: str | None = None) -> Receipt | None:
+        """The receipt of a job whose done-marker exists and vouches for `input_digest` (it is skipped), else None."""
         done = self.marker(marker_rel)
-        if done is None:
+        if done is None or (input_digest is not None and done.get("input_digest") != input_digest):
             return None
         return Receipt(job_id=job_id, uri=self.url(done["data"]), rows=done["rows"], sha256=done["sha256"], skipped=True)
 
     def marker(self, marker_rel: str) -> dict | None:
-        """The marker's content, or None when there is none (or it is unreadable)."""
+        """The marker's content, or None when there is none (or it is unreadable: one warning line)."""
         try:
             obj = self.read_json(marker_rel)
         except FileNotFoundError:
             return None
         except ValueError as e:
-            logger.warning("unreadable marker %s (%s); treating the job as not done", self.url(marker_rel), e)
+            if marker_rel not in self._warned:
+                self._warned.add(marker_rel)
+                logger.warning("unreadable marker or manifest %s (truncated? %s); treating it as absent",
+                               self.url(marker_rel), str(e).splitlines()[0][:80])
             return None
         return obj if isinstance(obj, dict) else None
 
-    def verify(self, marker_rel: str) -> bool:
-        """True when the marker exists and its data object (and any `<k>`/`<k>_sha256` pair) match."""
-        m = self.marker(marker_rel)
-        if m is None:
-            return False
-        checks = [("data", "sha256")] + [(k[:-7], k) for k in m if k.endswith("_sha256") and isinstance(m.get(k[:-7]), str)]
-        for path_key, sha_key in checks:
-            rel, want = m.get(path_key), m.get(sha_key)
-            if not isinstance(rel, str) or not isinstance(want, str):
-                logger.warning("corrupt shard: marker %s lacks %r/%r", self.url(marker_rel), path_key, sha_key)
-                return False
+    @staticmethod
+    def recorded_files(m: dict) -> dict[str, str]:
+        """{path: sha256} of every object a marker or manifest vouches for: its `files` and `<k>`/`<k>_sha256` pairs."""
+        out = {rel: sha for rel, sha in (m.get("files") or {}).items() if isinstance(rel, str) and isinstance(sha, str)}
+        for k, sha in m.items():
+            key = "data" if k == "sha256" else k[:-7] if k.endswith("_sha256") else None
+            if key and isinstance(m.get(key), str) and isinstance(sha, str):
+                out[m[key]] = sha
+        return out
+
+    def bad_files(self, files: dict[str, str]) -> list[str]:
+        """The paths among {path: sha256} that are missing or whose bytes differ (each named in one warning)."""
+        bad = []
+        for rel, want in sorted(files.items()):
             try:
                 got = hashlib.sha256(self.read_bytes(rel)).hexdigest()
             except FileNotFoundError:
-                logger.warning("corrupt shard %s: missing (marker %s)", self.url(rel), self.url(marker_rel))
-                return False
+                logger.warning("corrupt: %s is missing", self.url(rel))
+                bad.append(rel)
+                continue
             if got != want:
-                logger.warning("corrupt shard %s: sha256 %s, marker %s says %s", self.url(rel), got[:12],
-                               self.url(marker_rel), want[:12])
-                return False
-        return True
+                logger.warning("corrupt: %s has sha256 %s, recorded %s", self.url(rel), got[:12], want[:12])
+                bad.append(rel)
+        return bad
+
+    def verify(self, marker_rel: str) -> bool:
+        """True when the marker exists, names at least one object, and every object it names matches."""
+        m = self.marker(marker_rel)
+        if m is None:
+            return False
+        files = self.recorded_files(m)
+        if not files:
+            logger.warning("corrupt marker %s: it records no object with a sha256", self.url(marker_rel))
+            return False
+        return not self.bad_files(files)
 
     def done_jobs(self, markers_dir_rel: str, *, verify: bool = False) -> dict[str, dict]:
         """Marker file stem -> marker for every marker in a folder; with verify, corrupt ones are left out."""
