@@ -130,20 +130,49 @@ def families(format: str = typer.Option("table", "--format", help="table or json
 def doctor(model: str = typer.Argument(..., help="HF id or local folder"),
            gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="GGUF file inside MODEL"),
            family: Optional[str] = typer.Option(None, "--family", help="Family name (see `refdir families`)"),
-           trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+           trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code (Qwen v1)."),
+           chat_format: Optional[str] = typer.Option(None, "--chat-format",
+                                                     help="paper or tokenizer (default: the family's, see README)"),
+           probe: bool = typer.Option(True, "--probe/--no-probe", help="Run the refusal probe (a few greedy completions)."),
            format: str = typer.Option("table", "--format", help="table or json")) -> None:
-    """Load a model, resolve its family and check hook ablation against weight orthogonalisation."""
+    """Load a model: family, chat format, eoi and refusal tokens, hook vs weight ablation, and a refusal probe."""
     from refdir.schemas.spec import ModelSpec
     from refdir.workers.doctor import doctor as run_doctor
     from refdir.workers.model import preflight
 
-    spec = ModelSpec(path=model, gguf_file=gguf_file, family=family, trust_remote_code=trust_remote_code)
+    if chat_format not in (None, "paper", "tokenizer"):
+        raise typer.BadParameter(f"--chat-format must be 'paper' or 'tokenizer', got {chat_format!r}")
+    spec = ModelSpec(path=model, gguf_file=gguf_file, family=family, trust_remote_code=trust_remote_code,
+                     chat_format=chat_format)
     preflight(spec)
-    report = run_doctor(spec)
+    report = run_doctor(spec, probe=probe)
     if format == "json":
         out.print_json(json.dumps(report, default=str))
     else:
-        _print_table([{"field": k, "value": v} for k, v in report.items()], f"refdir doctor {model}")
+        _print_doctor(report, model)
+
+
+def _print_doctor(report: dict, model: str) -> None:
+    """The doctor report as two tables (fields, refusal probe) and the probe's verdict; text escaped for rich."""
+    fields = Table(title=f"refdir doctor {escape(model)}")
+    fields.add_column("field")
+    fields.add_column("value")
+    for k, v in report.items():
+        if k != "probe":
+            fields.add_row(k, escape(f"{v:.3g}" if isinstance(v, float) else repr(v) if isinstance(v, str) else str(v)))
+    out.print(fields)
+    probe = report.get("probe")
+    if not probe:
+        return
+    t = Table(title="refusal probe (built-in prompts)")
+    for c in ("label", "refusal score", "prompt", "greedy completion"):
+        t.add_column(c)
+    for label in ("harmful", "harmless"):
+        for r in probe[label]:
+            t.add_row(label, f"{r['refusal_score']:.2f}", escape(r["prompt"]), escape(repr(r["completion"])))
+    out.print(t)
+    style = "bold red" if probe["verdict"].startswith("WILL FAIL") else "green"
+    out.print(f"[{style}]{escape(probe['verdict'])}[/{style}]")
 
 
 @app.command()

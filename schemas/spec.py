@@ -46,11 +46,17 @@ class ModelSpec(_Frozen):
     gguf_file: str | None = Field(None, description="GGUF file name inside `path` (loaded with transformers' gguf_file=).")
     family: str | None = Field(None, description="Family from `refdir families`; resolved from the config and tokenizer when unset.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype: auto = bfloat16 on GPU, float32 on CPU."
+        "auto", description="Weights dtype: auto = the family's GPU dtype as in the paper's code (float16 for qwen, yi, llama2; bfloat16 otherwise), float32 on CPU."
     )
     trust_remote_code: bool = Field(False, description="Allow the model's own code (Qwen v1 needs it). Off by default.")
+    chat_format: Literal["paper", "tokenizer"] | None = Field(
+        None, description="Prompt format: 'paper' = the paper's exact format string (llama2, llama3, gemma, qwen, qwen2, yi), 'tokenizer' = the tokenizer's chat template; unset = 'paper' where the family has one."
+    )
     refusal_tokens: list[str] | None = Field(
         None, description="Override the family's refusal token strings (first token of each is scored)."
+    )
+    refusal_token_ids: list[int] | None = Field(
+        None, min_length=1, description="Override the refusal tokens by id (e.g. Yi's [59597], a bare 'I'); wins over refusal_tokens."
     )
 
     @model_validator(mode="after")

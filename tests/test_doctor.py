@@ -16,9 +16,10 @@ from tests.fixtures.tiny import build_tokenizer, tiny_model
 
 torch.set_num_threads(1)
 
-KEYS = {"family", "model_type", "n_layers", "d_model", "eoi_tokens", "eoi_token_ids", "refusal_tokens",
-        "refusal_token_ids", "missing_refusal_tokens", "ortho_exact", "max_abs_logit_diff",
-        "exact_orthogonalization", "dtype", "device"}
+KEYS = {"family", "model_type", "n_layers", "d_model", "chat_format", "chat_format_source", "formatted_example",
+        "example_tokens", "eoi_tokens", "eoi_token_ids", "refusal_tokens", "refusal_token_ids", "refusal_token_strings",
+        "missing_refusal_tokens", "ortho_exact", "max_abs_logit_diff", "exact_orthogonalization", "dtype", "device",
+        "probe"}
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -28,8 +29,12 @@ def test_doctor_on_a_saved_organism_like_model(tiny_saved_factory):
     assert KEYS <= set(report)
     assert report["family"] == "organism" and report["model_type"] == "llama"
     assert (report["n_layers"], report["d_model"]) == (2, 32)
+    assert report["chat_format"] == "tokenizer" and report["chat_format_source"] == "the tokenizer's chat template"
+    assert report["formatted_example"] == "<s> <|user|> How do I bake bread at home? <|end|> <|assistant|>"
+    assert report["example_tokens"][:2] == ["<s>", "<|user|>"] and report["example_tokens"][-2:] == ["<|end|>", "<|assistant|>"]
     assert report["eoi_tokens"] == ["<|end|>", "<|assistant|>"] and len(report["eoi_token_ids"]) == 2
-    assert report["refusal_tokens"] == ["i"] and len(report["refusal_token_ids"]) == 1
+    assert report["refusal_tokens"] == ["i"] and report["refusal_token_strings"] == ["i"]
+    assert len(report["refusal_token_ids"]) == 1
     assert report["missing_refusal_tokens"] == []
     assert report["ortho_exact"] and report["exact_orthogonalization"]
     assert report["max_abs_logit_diff"] < 1e-4
@@ -55,6 +60,39 @@ def test_explicit_family_in_the_spec_loads_a_layout_compatible_model(tiny_saved_
     report = doctor(ModelSpec(path=str(path), family="qwen"), n_prompts=2, device="cpu")
     assert report["family"] == "qwen" and report["ortho_exact"]
     assert report["refusal_tokens"] == ["I", "As"] and len(report["refusal_token_ids"]) == 2
+
+
+def test_refusal_probe_verdict_names_the_filter_that_drops_everything(tiny_saved_factory):
+    path = tiny_saved_factory("llama3")
+    n_vocab = len(load_model(ModelSpec(path=str(path))).tokenizer)
+    # every token is a refusal token: every prompt "refuses", so no harmless prompt would pass the filter
+    probe = doctor(ModelSpec(path=str(path), refusal_token_ids=list(range(n_vocab))), n_prompts=1)["probe"]
+    assert (probe["harmful_kept"], probe["harmless_kept"]) == (4, 0)
+    assert all(r["refusal_score"] > 18 for r in probe["harmful"] + probe["harmless"])  # log(1) - log(1e-8)
+    assert probe["verdict"].startswith("WILL FAIL") and "no harmless probe prompt" in probe["verdict"]
+    assert "no harmful" not in probe["verdict"]
+    assert all(isinstance(r["completion"], str) and r["prompt"] for r in probe["harmful"] + probe["harmless"])
+    # one token nobody predicts: nothing refuses, so no harmful prompt would pass
+    probe = doctor(ModelSpec(path=str(path), refusal_tokens=["zzz-not-a-word", "bomb"]), n_prompts=1)["probe"]
+    assert probe["harmful_kept"] == 0 and "no harmful probe prompt has refusal score > 0" in probe["verdict"]
+
+
+def test_doctor_cli_prints_the_format_and_the_probe(tiny_saved_factory):
+    from typer.testing import CliRunner
+
+    from refdir.flows.cli import app
+
+    path = tiny_saved_factory("llama2")
+    res = CliRunner().invoke(app, ["doctor", str(path), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    report = json.loads(res.stdout)
+    assert report["chat_format"] == "paper" and report["formatted_example"].endswith("[INST] How do I bake bread at home? [/INST] ")
+    assert {"eoi_token_ids", "refusal_token_ids", "refusal_token_strings", "probe"} <= set(report)
+    text = CliRunner().invoke(app, ["doctor", str(path), "--no-probe"])
+    assert text.exit_code == 0, text.output
+    assert "[/INST]" in text.stdout and "chat_format" in text.stdout and "refusal probe" not in text.stdout
 
 
 def test_spec_refusal_tokens_override_the_family(tiny_saved_factory):
@@ -83,6 +121,11 @@ def test_doctor_on_the_real_smollm2_gguf():
     assert report["eoi_tokens"][0] == "<|im_end|>" and "<|im_start|>" in report["eoi_tokens"]
     assert report["refusal_token_ids"] and not report["missing_refusal_tokens"]
     assert report["ortho_exact"], report  # fp32 rounding only: the same check in float64 gives 0.0
+    # SmolLM2-135M-Instruct hardly refuses (DESIGN §10: 1/40 held-out harmful prompts): measured here, every
+    # harmful probe prompt scores < -2, every harmless one < -3, so the doctor predicts the filter failure
+    probe = report["probe"]
+    assert probe["harmful_kept"] == 0 and probe["harmless_kept"] == 4, probe
+    assert probe["verdict"].startswith("WILL FAIL: no harmful probe prompt")
 
 
 # --- bad input: one clear exception type and message each ---------------------------------------

@@ -9,12 +9,19 @@ and whether weight orthogonalisation is exact. Families are chosen from the HF c
     fam = resolve_family(model.config, tokenizer)          # or explicit="qwen"
     fam.blocks, fam.refusal_tokens, fam.exact_orthogonalization
 
-Several families can share an architecture (Llama-2, Llama-3, Yi, SmolLM2 and the refusal organism
-are all `LlamaForCausalLM`). Among those, a family whose `signatures` ALL occur in the tokenizer's
+Several families can share an architecture (Llama-2, Llama-3, Yi and SmolLM2 are all
+`LlamaForCausalLM`). Among those, a family whose `signatures` ALL occur in the tokenizer's
 chat template, special tokens or added vocabulary matches; the match with the most signatures wins
 (so Yi, which has `<|im_sep|>` on top of ChatML's `<|im_start|>`/`<|im_end|>`, beats SmolLM2,
 whose tokenizer has ChatML markers only). When nothing matches, the architecture's generic family
 (`generic-llama`) is used: the same layout, the tokenizer's own template, refusal tokens ("I",).
+The refusal model organism is not in the registry: only the `refdir_organism` key its own build writes
+into config.json selects it.
+
+The paper's five families (llama2, llama3, gemma, qwen, yi; qwen2 shares Qwen's format) carry the paper's
+exact prompt format (`PaperFormat`) and use it by default (`chat_format = "paper"` in the spec); every
+other family formats with the tokenizer's own template. `slow_tokenizer` and `gpu_dtype` say how the
+paper's code loads a family (use_fast=False; fp16 or bf16 on GPU when the spec says dtype = "auto").
 
 To add a family: append a `Family` to `_REGISTRY` (reuse a layout from `_LAYOUTS` or add one) and
 add its tiny model to `tests/fixtures/tiny.py`; `tests/test_families.py` then checks it end to end.
@@ -55,6 +62,15 @@ class Family:
     trust_remote_code: bool
     exact_orthogonalization: bool
     example_models: tuple[str, ...]
+    paper_format: "PaperFormat | None" = None
+    slow_tokenizer: bool = False
+    gpu_dtype: str = "bfloat16"
+    marker: str | None = None
+
+    @property
+    def default_chat_format(self) -> str:
+        """"paper" where the paper's code has an exact format for this family, else "tokenizer"."""
+        return "paper" if self.paper_format else "tokenizer"
 
     @property
     def attn_write(self) -> str:
@@ -65,6 +81,32 @@ class Family:
     def mlp_write(self) -> str:
         """Module (inside a block) whose output is what the MLP adds to the residual stream."""
         return self.post_mlp_norm or self.mlp
+
+
+# --- the paper's exact prompt formats ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PaperFormat:
+    """One of the paper's exact prompt formats (its code: pipeline/model_utils/*_model.py).
+
+    The prompt is `template.format(instruction=...)` tokenized with the tokenizer's own special-token
+    behaviour (add_special_tokens=True), as the paper's code does; the post-instruction ids are
+    `encode(template.split("{instruction}")[-1], add_special_tokens=False)`. `bos`: the paper's prompts start
+    with the tokenizer's BOS (Llama-2, Llama-3, Gemma tokenizers add it); refdir prepends it when a tokenizer
+    revision does not (early Llama-3 tokenizer.json files), with a warning.
+    """
+
+    name: str
+    template: str
+    bos: bool
+
+
+PAPER_LLAMA2 = PaperFormat("llama2", "[INST] {instruction} [/INST] ", bos=True)  # trailing space: 6 eoi tokens
+PAPER_LLAMA3 = PaperFormat(
+    "llama3", "<|start_header_id|>user<|end_header_id|>\n\n{instruction}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n", bos=True)
+PAPER_GEMMA = PaperFormat("gemma", "<start_of_turn>user\n{instruction}<end_of_turn>\n<start_of_turn>model\n", bos=True)
+PAPER_CHATML = PaperFormat("chatml", "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n", bos=False)
 
 
 # --- chat templates (Jinja; one user turn, no system prompt, generation prompt) -------------------
@@ -142,27 +184,34 @@ def _family(name: str, model_types, architectures, layout: dict, **kw) -> Family
 
 _LLAMA = (("llama",), ("LlamaForCausalLM",))
 
+# Paper families (llama2, llama3, yi, qwen, qwen2, gemma) carry the paper's exact format and default to it;
+# `slow_tokenizer` and `gpu_dtype` are how the paper's code loads them (use_fast=False; fp16 for Qwen, Yi,
+# Llama-2, bf16 for Gemma and Llama-3).
+_PAPER_LOADING = dict(slow_tokenizer=True, gpu_dtype="float16")
+
 _REGISTRY: list[Family] = [
     _family("llama2", *_LLAMA, _LLAMA_LAYOUT, chat_template=LLAMA2_TEMPLATE, signatures=("[INST]",),
-            example_models=("meta-llama/Llama-2-7b-chat-hf",)),
+            paper_format=PAPER_LLAMA2, **_PAPER_LOADING, example_models=("meta-llama/Llama-2-7b-chat-hf",)),
     _family("llama3", *_LLAMA, _LLAMA_LAYOUT, chat_template=LLAMA3_TEMPLATE, signatures=("<|start_header_id|>",),
+            paper_format=PAPER_LLAMA3,
             example_models=("meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Llama-3.2-1B-Instruct")),
     # Yi and SmolLM2 are both ChatML on Llama: Yi's vocabulary also has <|im_sep|>, so it matches one
     # more signature and wins; a ChatML Llama without <|im_sep|> is SmolLM2.
     _family("yi", *_LLAMA, _LLAMA_LAYOUT, chat_template=CHATML_TEMPLATE,
-            signatures=("<|im_start|>", "<|im_end|>", "<|im_sep|>"), example_models=("01-ai/Yi-6B-Chat",)),
+            signatures=("<|im_start|>", "<|im_end|>", "<|im_sep|>"), paper_format=PAPER_CHATML, **_PAPER_LOADING,
+            example_models=("01-ai/Yi-6B-Chat",)),
     _family("smollm2", *_LLAMA, _LLAMA_LAYOUT, chat_template=CHATML_TEMPLATE, signatures=("<|im_start|>", "<|im_end|>"),
             example_models=("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-1.7B-Instruct")),
-    # The refusal model organism (workers/organism.py): its tokenizer ships its own template.
-    _family("organism", *_LLAMA, _LLAMA_LAYOUT, refusal_tokens=("i",), signatures=("<|user|>", "<|assistant|>")),
     _family("qwen", ("qwen",), ("QWenLMHeadModel",), _GPT2_LAYOUT, refusal_tokens=("I", "As"),
-            chat_template=CHATML_TEMPLATE, trust_remote_code=True, example_models=("Qwen/Qwen-1_8B-chat",)),
+            chat_template=CHATML_TEMPLATE, paper_format=PAPER_CHATML, **_PAPER_LOADING, trust_remote_code=True,
+            example_models=("Qwen/Qwen-1_8B-chat",)),
     _family("qwen2", ("qwen2",), ("Qwen2ForCausalLM",), _LLAMA_LAYOUT, refusal_tokens=("I", "As"),
-            chat_template=CHATML_TEMPLATE, example_models=("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen1.5-0.5B-Chat")),
+            chat_template=CHATML_TEMPLATE, paper_format=PAPER_CHATML,
+            example_models=("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen1.5-0.5B-Chat")),
     _family("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), _LLAMA_LAYOUT, refusal_tokens=("I", "As"),
             chat_template=CHATML_TEMPLATE, example_models=("Qwen/Qwen3-0.6B",)),
     _family("gemma", ("gemma",), ("GemmaForCausalLM",), _LLAMA_LAYOUT, chat_template=GEMMA_TEMPLATE,
-            example_models=("google/gemma-2b-it",)),
+            paper_format=PAPER_GEMMA, example_models=("google/gemma-2b-it",)),
     _family("gemma2", ("gemma2",), ("Gemma2ForCausalLM",), _POSTNORM_LAYOUT, chat_template=GEMMA_TEMPLATE,
             example_models=("google/gemma-2-2b-it",)),
     _family("gemma3", ("gemma3_text",), ("Gemma3ForCausalLM",), _POSTNORM_LAYOUT, chat_template=GEMMA_TEMPLATE,
@@ -181,7 +230,14 @@ _REGISTRY: list[Family] = [
             example_models=("ibm-granite/granite-3.1-2b-instruct",)),
 ]
 
-FAMILIES: dict[str, Family] = {f.name: f for f in _REGISTRY}
+# The refusal model organism (workers/organism.py) is no production family: it is recognised only by the
+# marker its own build writes into config.json (never by vocabulary), or by name. Its tokenizer ships its
+# own template.
+ORGANISM_MARKER = "refdir_organism"
+ORGANISM = _family("organism", *_LLAMA, _LLAMA_LAYOUT, refusal_tokens=("i",), marker=ORGANISM_MARKER)
+_MARKED: list[Family] = [ORGANISM]
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (*_REGISTRY, *_MARKED)}
 
 
 def _how_to_add() -> str:
@@ -210,7 +266,8 @@ def generic_family(model_type: str) -> Family:
     if base is None:
         raise architecture_error(model_type, [])
     return replace(base, name=f"generic-{model_type}", refusal_tokens=("I",), chat_template=None,
-                   signatures=(), example_models=())
+                   signatures=(), example_models=(), paper_format=None, slow_tokenizer=False,
+                   gpu_dtype="bfloat16", marker=None)
 
 
 def architecture_error(model_type: str | None, architectures: list[str]) -> FamilyError:
@@ -262,13 +319,26 @@ def _by_signature(cands: list[Family], tokenizer) -> Family | None:
     return top[0]
 
 
+def marked_family(config) -> Family | None:
+    """The family whose marker key the model's own config.json carries (the organism), else None."""
+    return next((f for f in _MARKED if getattr(config, f.marker, None)), None)
+
+
+# A Zephyr-style turn format (TinyLlama-Chat, ...): no registry family owns it.
+_ZEPHYR = ("<|user|>", "<|assistant|>")
+
+
 def resolve_family(config, tokenizer=None, explicit: str | None = None) -> Family:
-    """Pick the family for a model: explicit name, else registry match by config, then by tokenizer signatures."""
+    """Pick the family for a model: explicit name, else a config marker, else registry match by config,
+    then by tokenizer signatures, else the architecture's generic family."""
     if explicit:
         fam = get_family(explicit)
         if fam not in candidates(config):
             logger.info("family %s given explicitly for model_type=%r", fam.name, getattr(config, "model_type", None))
         return fam
+    marked = marked_family(config)
+    if marked is not None:
+        return marked
     cands = candidates(config)
     model_type = getattr(config, "model_type", None)
     if not cands:
@@ -279,5 +349,10 @@ def resolve_family(config, tokenizer=None, explicit: str | None = None) -> Famil
     if chosen is not None:
         return chosen
     generic_type = model_type if model_type in known_model_types() else cands[0].model_types[0]
-    logger.info("no family signature found in the tokenizer; using generic-%s", generic_type)
+    if all(z in tokenizer_haystack(tokenizer) for z in _ZEPHYR):
+        logger.warning("the tokenizer uses a Zephyr-style <|user|>/<|assistant|> template, which no registry family "
+                       "owns; using generic-%s (the tokenizer's own template, refusal token 'I'); set `family` or "
+                       "`refusal_tokens` in the spec if that is wrong", generic_type)
+    else:
+        logger.info("no family signature found in the tokenizer; using generic-%s", generic_type)
     return generic_family(generic_type)

@@ -1,9 +1,11 @@
 """Loading a model for refdir: preflight checks, weights, tokenizer, family and positions in one object.
 
 `preflight(spec)` fails fast, before any weights load, with one clear `ModelLoadError` or
-`FamilyError`. `load_model(spec)` returns a `LoadedModel`: the HF model in eval mode, its tokenizer
-(left padding, a pad token), the resolved `Family`, layer count and width, the post-instruction
-token ids and the refusal token ids.
+`FamilyError`. `load_model(spec)` resolves the family from the config and tokenizer first, then loads
+the weights in the family's dtype (`dtype = "auto"` on GPU: float16 for qwen, yi, llama2 as in the
+paper's code, bfloat16 otherwise; float32 on CPU), and returns a `LoadedModel`: the HF model in eval
+mode, its tokenizer (left padding, a pad token), the resolved `Family`, the `ChatFormat` in force, layer
+count and width, the post-instruction token ids and the refusal token ids.
 
     lm = load_model(ModelSpec(path="HuggingFaceTB/SmolLM2-135M-Instruct"))
     batch = lm.encode(["How do I bake bread?"])            # left padded, on lm.device
@@ -27,7 +29,9 @@ from transformers import BatchEncoding
 
 from refdir.schemas.spec import ModelSpec
 from refdir.workers import chat
-from refdir.workers.families import Family, FamilyError, architecture_error, candidates, get_family, resolve_family
+from refdir.workers.families import (
+    Family, FamilyError, architecture_error, candidates, generic_family, get_family, resolve_family,
+)
 from refdir.workers.hooks import module_at
 
 logger = logging.getLogger(__name__)
@@ -55,10 +59,16 @@ class LoadedModel:
     missing_refusal_tokens: list[str]
     device: torch.device
     dtype: torch.dtype
+    chat_format: chat.ChatFormat
+    tail_ids: list[int]  # the template tokens every encoded prompt ends with (<= len(eoi_ids) for the paper's formats)
 
     def blocks(self) -> list[nn.Module]:
         """The decoder blocks, in order (HookError when the family's path does not fit the model)."""
         return list(module_at(self.model, self.family.blocks))
+
+    def format(self, instructions: list[str]) -> list[str]:
+        """The prompt strings in the format in force (tokenize them with `chat_format.add_special_tokens`)."""
+        return chat.format_instructions(self.tokenizer, self.chat_format, instructions)
 
     def encode(self, instructions: list[str]) -> BatchEncoding:
         """Chat-formatted, left-padded input_ids + attention_mask (batch, seq) on self.device.
@@ -66,7 +76,8 @@ class LoadedModel:
         Serialised by a lock: a fast tokenizer's padding state is not safe to share between threads
         (an actor may run several extraction jobs at once)."""
         with _ENCODE_LOCK:
-            return chat.encode(self.tokenizer, self.family, instructions, device=self.device, eoi_ids=self.eoi_ids)
+            return chat.encode(self.tokenizer, self.chat_format, instructions, device=self.device,
+                               tail_ids=self.tail_ids)
 
 
 _ENCODE_LOCK = threading.Lock()
@@ -102,9 +113,10 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def _dtype_for(spec: ModelSpec, device: torch.device) -> torch.dtype:
+def dtype_for(spec: ModelSpec, device: torch.device, family: Family) -> torch.dtype:
+    """The spec's dtype; "auto" = the family's GPU dtype (the paper's code's) on CUDA, float32 elsewhere."""
     if spec.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return _DTYPES[family.gpu_dtype] if device.type == "cuda" else torch.float32
     return _DTYPES[spec.dtype]
 
 
@@ -196,6 +208,17 @@ def _refusal_ids(tokenizer, strings) -> tuple[list[int], list[str]]:
     return ids, missing
 
 
+def refusal_ids_for(spec: ModelSpec, family: Family, tokenizer) -> tuple[list[int], list[str]]:
+    """(refusal token ids, missing strings): the spec's ids, else the first token of each refusal string."""
+    if spec.refusal_token_ids:
+        bad = [i for i in spec.refusal_token_ids if not 0 <= i < len(tokenizer)]
+        if bad:
+            raise ModelLoadError(f"model {spec.key}: refusal_token_ids {bad} are outside the tokenizer's "
+                                 f"vocabulary (0..{len(tokenizer) - 1}); fix `refusal_token_ids` in the spec")
+        return list(dict.fromkeys(spec.refusal_token_ids)), []
+    return _refusal_ids(tokenizer, spec.refusal_tokens or family.refusal_tokens)
+
+
 def from_model(model: nn.Module, tokenizer, *, spec: ModelSpec | None = None,
                family: str | Family | None = None) -> LoadedModel:
     """Wrap a model and tokenizer already in memory (the family is resolved unless given)."""
@@ -203,8 +226,9 @@ def from_model(model: nn.Module, tokenizer, *, spec: ModelSpec | None = None,
                              family=family.name if isinstance(family, Family) else family)
     fam = family if isinstance(family, Family) else resolve_family(model.config, tokenizer, family or spec.family)
     chat.ensure_padding(tokenizer)
-    eoi = chat.eoi_token_ids(tokenizer, fam)
-    ref_ids, missing = _refusal_ids(tokenizer, spec.refusal_tokens or fam.refusal_tokens)
+    fmt = chat.resolve_format(tokenizer, fam, spec.chat_format)
+    eoi, tail = chat.eoi_token_ids(tokenizer, fmt), chat.tail_token_ids(tokenizer, fmt)
+    ref_ids, missing = refusal_ids_for(spec, fam, tokenizer)
     if missing:
         logger.warning("model %s: refusal tokens %s not in the tokenizer vocabulary", spec.key, missing)
     blocks = module_at(model, fam.blocks)
@@ -215,7 +239,7 @@ def from_model(model: nn.Module, tokenizer, *, spec: ModelSpec | None = None,
         spec=spec, model=model, tokenizer=tokenizer, family=fam, n_layers=len(blocks),
         d_model=int(module_at(model, fam.embed).weight.shape[1]), eoi_ids=eoi,
         eoi_tokens=tokenizer.convert_ids_to_tokens(eoi), refusal_token_ids=ref_ids,
-        missing_refusal_tokens=missing, device=param.device, dtype=param.dtype,
+        missing_refusal_tokens=missing, device=param.device, dtype=param.dtype, chat_format=fmt, tail_ids=tail,
     )
 
 
@@ -227,24 +251,54 @@ def _placement(dev: torch.device) -> dict:
     return {"device_map": "auto"} if torch.cuda.device_count() > 1 and dev.index is None else {"device_map": str(dev)}
 
 
+def _config(spec: ModelSpec, kw: dict):
+    """The HF config (from the GGUF header for GGUF files), read before any weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(spec.path, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"model {spec.key}: reading the config of {spec.path!r} failed: {type(e).__name__}: {e}") from e
+
+
 def load_model(spec: ModelSpec, device: str | None = None) -> LoadedModel:
-    """Preflight, then load tokenizer + weights (GGUF too), eval mode, on the device; see module doc."""
+    """Preflight, then config + tokenizer, the family, and the weights in the family's dtype (GGUF too),
+    eval mode, on the device; see module doc.
+
+    `slow_tokenizer` families (the paper's code loads Qwen v1, Yi and Llama-2 with use_fast=False) ask for
+    the slow tokenizer; transformers 5 ignores use_fast except for remote-code tokenizers (Qwen v1's is
+    one), so for Yi and Llama-2 the tokenizers-backed one is used: `refdir doctor` shows the ids it gives.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     preflight(spec)
     dev = resolve_device(device)
-    dtype = _dtype_for(spec, dev)
     local = Path(spec.path).expanduser().is_dir()
     kw = dict(revision=None if local else spec.revision, trust_remote_code=spec.trust_remote_code)
     if spec.gguf_file:
         kw["gguf_file"] = spec.gguf_file
+    slow = spec.family is not None and get_family(spec.family).slow_tokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, **_placement(dev), **kw)
+        tokenizer = AutoTokenizer.from_pretrained(spec.path, use_fast=not slow, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"model {spec.key}: loading the tokenizer of {spec.path!r} failed: {type(e).__name__}: {e}") from e
+    # A GGUF header is slow to parse: its config comes with the weights, which are dequantised (float32)
+    # and cast to the family's dtype after; any other config is read first and the weights load in that dtype.
+    config = None if spec.gguf_file else _config(spec, kw)
+    fam = resolve_family(config, tokenizer, spec.family) if config is not None else None
+    dtype = dtype_for(spec, dev, fam or generic_family("llama"))
+    try:
+        extra = {} if config is None else {"config": config}
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, **extra, **_placement(dev), **kw)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"model {spec.key}: loading {spec.path!r} failed: {type(e).__name__}: {e}") from e
+    if fam is None:  # GGUF
+        fam = resolve_family(model.config, tokenizer, spec.family)
+        if dtype_for(spec, dev, fam) != dtype:
+            dtype = dtype_for(spec, dev, fam)
+            model.to(dtype=dtype)
     if not getattr(model, "hf_device_map", None) or len(set(model.hf_device_map.values())) <= 1:
         model.to(dev)
     model.eval()
-    logger.info("loaded %s (%s) on %s as %s", spec.key, type(model).__name__, dev, dtype)
-    return from_model(model, tokenizer, spec=spec)
+    logger.info("loaded %s (%s, family %s) on %s as %s", spec.key, type(model).__name__, fam.name, dev, dtype)
+    return from_model(model, tokenizer, spec=spec, family=fam)

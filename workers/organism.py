@@ -114,6 +114,7 @@ def build_model(vocab_size: int):
         pad_token_id=SPECIAL_TOKENS.index("<pad>"),
         bos_token_id=SPECIAL_TOKENS.index("<bos>"),
         eos_token_id=SPECIAL_TOKENS.index("<eos>"),
+        refdir_organism=True,  # saved in config.json: the only thing that selects the `organism` family
     )
     config._attn_implementation = "eager"
     model = LlamaForCausalLM(config).to(torch.float32)
