@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Refusal directions at pipeline scale (Arditi et al., 2024).")
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -46,36 +45,23 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from refdir.workers.pool import JobsFailed
     from refdir.workers.prompts import PromptSourceError
     from refdir.workers.selection import SelectionError
+    from refdir.flows.schedule import ScheduleError
     from refdir.workers.store import StoreError
 
     return (SpecError, ModelLoadError, FamilyError, ChatTemplateError, StoreError, SqlError, PromptSourceError,
             StageError, SelectionError, RayUnavailable, JudgeError, JobsFailed, SchemaVersionError,
-            AggregateError, ReportError, FileNotFoundError)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is now, so log lines go above rich's progress bars (which redirect it)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
+            AggregateError, ReportError, ScheduleError, FileNotFoundError, FileExistsError)
 
 
 def main() -> None:
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
-    logging.basicConfig(level=os.environ.get("REFDIR_LOG", "INFO"), handlers=[handler])
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")   # Prefect configures its own loggers on import
-    for noisy in ("httpx", "prefect", "urllib3", "botocore", "s3fs", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from refdir.flows.progress import setup_logging
+
+    setup_logging(os.environ.get("REFDIR_LOG_FORMAT", "text"))
     try:
         app()
     except _user_errors() as e:
@@ -91,6 +77,29 @@ def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
     if len(text) <= limit:
         return text
     return f"{text[: limit - 60]}… [{len(text) - limit + 60:,} more characters not shown]"
+
+
+@app.callback()
+def _options(log_format: str = typer.Option("text", "--log-format", envvar="REFDIR_LOG_FORMAT",
+                                            help="Log lines on stderr as text or json (one object per line, "
+                                                 "for log shippers)")) -> None:
+    """Refusal directions at pipeline scale (Arditi et al., 2024)."""
+    from refdir.flows.progress import setup_logging
+
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter(f"{log_format!r}: use text or json", param_hint="--log-format")
+    setup_logging(log_format)
+
+
+def _shown(uri: str) -> str:
+    """A local path relative to the working directory when it lies under it (output carries no machine path)."""
+    path = Path(uri.removeprefix("file://"))
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return uri
 
 
 def _store_uri(store: Optional[str]) -> str:
@@ -177,7 +186,8 @@ def _print_doctor(report: dict, model: str) -> None:
 
 @app.command()
 def organism(out_dir: Path = typer.Option(..., "--out", help="Folder to write the model into"),
-             seed: int = typer.Option(0, "--seed"), steps: int = typer.Option(250, "--steps")) -> None:
+             seed: int = typer.Option(0, "--seed", help="Training seed (builds are bitwise deterministic per seed)"),
+             steps: int = typer.Option(250, "--steps", help="Training steps")) -> None:
     """Build and train the refusal model organism (CPU, under a minute)."""
     from refdir.workers.organism import build_organism
 
@@ -193,20 +203,58 @@ def _run_and_print(spec, plain: bool, verify: bool = False) -> dict:
 
     with make_reporter(plain or None) as rep:
         summary = execute(spec, rep, verify=verify)
-    _print_summary(summary)
+    try:
+        _print_summary(summary)
+    finally:
+        _print_report_path(summary)
     return summary
+
+
+def _print_report_path(summary: dict) -> None:
+    from refdir.schemas import layout
+    from refdir.workers.store import Store
+
+    st = Store.open(summary["store"], create=False)
+    rel = layout.report_html(summary["run_id"])
+    if st.exists(rel):
+        out.print(f"report: {escape(_shown(st.url(rel)))}", highlight=False)
 
 
 def _print_summary(summary: dict) -> None:
     from refdir.flows.report import summary_table_rows
 
-    out.print(f"run [bold]{summary['run_id']}[/bold] in {summary['store']}")
+    out.print(f"run [bold]{summary['run_id']}[/bold] in {escape(_shown(summary['store']))}")
     _print_table(summary_table_rows(summary), "refusal rate by model x intervention (Wilson 95 % interval)")
+    for line in _result_warnings(summary):
+        err.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
     failed = {k: v for k, v in summary["models"].items() if v.get("status") != "done"}
     for key, s in failed.items():
-        err.print(f"[red]model {escape(key)}: {s.get('status')}[/red] {escape(bounded(str(s.get('error', ''))))}", highlight=False)
+        err.print(f"[red]{escape(_failure_line(key, s))}[/red]", highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
+
+
+def _result_warnings(summary: dict) -> list[str]:
+    """Results that look like numbers but mean little: a fallback direction, a model that barely refuses."""
+    out = []
+    for key, s in summary["models"].items():
+        d = s.get("direction") or {}
+        if d.get("fallback"):
+            out.append(f"model {key}: direction pos {d.get('position')} layer {d.get('layer')} is a FALLBACK (every "
+                       f"candidate failed the paper's filters; --allow-fallback took the best bypass score)")
+        base = s.get("rates", {}).get("harmful_test/baseline", {}).get("refusal_rate")
+        if isinstance(base, (int, float)) and base < 0.5:
+            out.append(f"model {key}: baseline harmful refusal is {base:.2f} (< 0.5): the model hardly refuses, so "
+                       f"bypass rates say little; check `refdir doctor`, its refusal tokens and chat template")
+    return out
+
+
+def _failure_line(key: str, s: dict) -> str:
+    """One line per failed model: what, where, and where the full traceback is."""
+    first = bounded((str(s.get("error") or s.get("status")).strip().splitlines() or ["failed"])[0])
+    stage = f" in {s['stage']}" if s.get("stage") else ""
+    log = f" — full message and traceback: {s['log']}" if s.get("log") else ""
+    return f"model {key} {s.get('status')}{stage}: {first}{log}"
 
 
 @app.command()
@@ -221,13 +269,15 @@ def run(spec_path: Path = typer.Argument(..., help="Run spec (TOML), see infra/s
     from refdir.flows.runner import with_overrides
     from refdir.schemas.spec import load_spec
 
+    from refdir.flows.schedule import resolve_name
+
     spec = with_overrides(load_spec(spec_path), store, ray_address, allow_fallback or None)
-    _run_and_print(spec, plain, verify)
+    _run_and_print(resolve_name(spec), plain, verify)   # a "nightly-{date}" name gets today's date
 
 
 @app.command()
-def resume(run_id: str, store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
-           ray_address: Optional[str] = typer.Option(None, "--ray-address"),
+def resume(run_id: str = typer.Argument(..., help="Run id (see `refdir runs`)"), store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+           ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Existing Ray cluster (host:port or ray://host:10001)"),
            allow_fallback: bool = typer.Option(False, "--allow-fallback",
                                                help="Pick the best bypass when all candidates are filtered (redoes "
                                                     "selection and what follows; extraction and scoring are reused)"),
@@ -243,36 +293,80 @@ def resume(run_id: str, store: Optional[str] = typer.Option(None, "--store", hel
 
 
 @app.command()
-def status(run_id: str, store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+def status(run_id: str = typer.Argument(..., help="Run id (see `refdir runs`)"), store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
            format: str = typer.Option("table", "--format", help="table or json")) -> None:
     """Planned / done jobs per model and stage."""
     from refdir.flows.runner import status_rows, stored_spec
     from refdir.workers.store import Store
 
+    from refdir.flows.summary import health_states
+
     spec = stored_spec(_store_uri(store), run_id)
-    rows = status_rows(Store.open(spec.store, create=False), spec)
+    st = Store.open(spec.store, create=False)
+    rows = status_rows(st, spec)
+    hs = health_states(st, spec.run_id, [m.key for m in spec.models])
+    for r in rows:   # an unfinished stage is as its model's heartbeat says: failed, stale (driver gone), running
+        h = hs.get(r["model"], {})
+        if r["status"] != "done" and h.get("state") in ("failed", "stale") and h.get("stage") == r["stage"]:
+            r["status"] = h["state"]
     if format == "json":
-        out.print_json(json.dumps(rows))
-    else:
-        _print_table(rows, f"run {run_id}")
+        out.print_json(json.dumps({"stages": rows, "models": hs}))
+        return
+    _print_table(rows, f"run {run_id}")
+    for key, h in hs.items():
+        if h["state"] == "failed":
+            out.print(f"model {escape(key)} failed in {h.get('stage')} at {h.get('failed_at')}: {escape(str(h.get('error')))}"
+                      f" (traceback: {h.get('log')})", highlight=False, soft_wrap=True)
+        elif h["state"] == "stale":
+            out.print(f"model {escape(key)}: no heartbeat since {h.get('updated_at')} ({h['age_s'] / 60:.0f} min) in "
+                      f"{h.get('stage')} on {h.get('host')} pid {h.get('pid')}: the driver is gone; "
+                      f"`refdir resume {run_id}` picks it up", highlight=False, soft_wrap=True)
+        elif h["state"] == "running":
+            out.print(f"model {escape(key)}: running {h.get('stage')} (heartbeat {h['age_s']:.0f} s ago on "
+                      f"{h.get('host')})", highlight=False, soft_wrap=True)
 
 
 @app.command()
-def schedule(spec_path: Path = typer.Argument(...), cron: str = typer.Option(..., "--cron", help='e.g. "0 2 * * *"'),
+def runs(store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+         format: str = typer.Option("table", "--format", help="table or json")) -> None:
+    """List the runs in the store: id, name, models, status, started, duration."""
+    from refdir.flows.summary import list_runs
+    from refdir.workers.store import Store
+
+    rows = list_runs(Store.open(_store_uri(store), create=False))
+    if format == "json":
+        out.print_json(json.dumps(rows))
+    else:
+        _print_table(rows, f"runs in {rows[0]['store']}" if rows else None)
+
+
+@app.command()
+def schedule(spec_path: Path = typer.Argument(..., help="Run spec (TOML); a name like \"nightly-{date}\" makes "
+                                                      "a new run each night"),
+             cron: str = typer.Option(..., "--cron", help='Cron expression, e.g. "0 2 * * *"'),
+             timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA timezone of the cron and of "
+                                                    "{date} in the run name (default UTC), e.g. Europe/Berlin"),
              name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default: the run name)"),
              store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
              register_only: bool = typer.Option(False, "--register-only",
-                                                help="Register the deployment with the Prefect API and exit (serve elsewhere)")) -> None:
-    """Serve (or register) a Prefect deployment that runs the spec on a cron schedule."""
+                                                help="Register the deployment with the Prefect API (PREFECT_API_URL) "
+                                                     "and exit; a Prefect worker runs it"),
+             work_pool: Optional[str] = typer.Option(None, "--work-pool", help="Work pool of the registered "
+                                                     "deployment (production: `prefect worker start --pool NAME`)")) -> None:
+    """Serve here (one machine) or register (work pool + worker) a Prefect deployment that runs the spec on a cron."""
     from refdir.flows.runner import preflight, with_overrides
-    from refdir.flows.schedule import schedule_spec
+    from refdir.flows.schedule import require_api, resolve_name, schedule_spec
     from refdir.schemas.spec import load_spec
 
+    if register_only:
+        require_api()
+    if work_pool and not register_only:
+        raise typer.BadParameter("--work-pool goes with --register-only (a worker of that pool runs the deployment)")
     spec = with_overrides(load_spec(spec_path), store)
-    _, bad = preflight(spec)
+    _, bad = preflight(resolve_name(spec))
     if bad:
         raise typer.BadParameter("fix the model(s) that cannot load before scheduling: " + ", ".join(bad))
-    schedule_spec(spec, cron, name=name, serve=not register_only)
+    schedule_spec(spec, cron, name=name, serve=not register_only, timezone=timezone, work_pool=work_pool)
 
 
 @app.command()
@@ -294,7 +388,7 @@ def sql(query: Optional[str] = typer.Argument(None, help="SQL; omit for an inter
 
 
 @app.command()
-def report(run_id: str, store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+def report(run_id: str = typer.Argument(..., help="Run id (see `refdir runs`)"), store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
            out_path: Optional[Path] = typer.Option(None, "--out", help="Also copy the HTML here")) -> None:
     """Write the run's self-contained HTML report (runs/RUN_ID/report.html)."""
     from refdir.flows.report import write_report
@@ -308,8 +402,9 @@ def report(run_id: str, store: Optional[str] = typer.Option(None, "--store", hel
 
 
 @app.command()
-def export(run_id: str, model: str = typer.Option(..., "--model", help="Model key in the run"),
-           out_dir: Path = typer.Option(..., "--out"), store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP)) -> None:
+def export(run_id: str = typer.Argument(..., help="Run id (see `refdir runs`)"),
+           model: str = typer.Option(..., "--model", help="Model key in the run"),
+           out_dir: Path = typer.Option(..., "--out", help="New (or empty) folder for the model"), store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP)) -> None:
     """Write the orthogonalised model (save_pretrained, tokenizer, model card)."""
     from refdir.flows.export import export_model
 
@@ -318,7 +413,8 @@ def export(run_id: str, model: str = typer.Option(..., "--model", help="Model ke
 
 
 @app.command("export-official")
-def export_official(run_id: str, model: str = typer.Option(..., "--model"), out_dir: Path = typer.Option(..., "--out"),
+def export_official(run_id: str = typer.Argument(..., help="Run id (see `refdir runs`)"), model: str = typer.Option(..., "--model", help="Model key in the run"),
+                    out_dir: Path = typer.Option(..., "--out", help="Folder for the official-format files"),
                     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP)) -> None:
     """Write the paper's run layout (generate_directions/, select_direction/, completions/, loss_evals/, direction.pt)."""
     from refdir.flows.export import export_official as run_export
@@ -330,8 +426,8 @@ def export_official(run_id: str, model: str = typer.Option(..., "--model"), out_
 @app.command()
 def demo(store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
          seed: int = typer.Option(0, "--seed", help="Organism seed"),
-         plain: bool = typer.Option(False, "--plain")) -> None:
-    """Train the refusal organism and run the whole pipeline on it; prints refusal rates."""
+         plain: bool = typer.Option(False, "--plain", help="Log lines instead of progress bars")) -> None:
+    """Train the refusal organism and run the whole pipeline on it; prints refusal rates and where the report is."""
     from refdir.flows.demo import demo_spec
 
     spec = demo_spec(_store_uri(store), seed)

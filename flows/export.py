@@ -36,6 +36,7 @@ def export_model(store_uri: str, run_id: str, key: str, out_dir: str | Path) -> 
     from refdir.workers.export import export_orthogonalized
 
     spec = stored_spec(store_uri, run_id)
+    model = spec.model(key)   # a wrong --model names the run's models, before anything else
     store = Store.open(spec.store, create=False)
     d = _direction(store, run_id, key)
     card = {"run_id": run_id, "model": key, "versions": versions(),

@@ -19,12 +19,14 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
+from refdir.flows.health import Heartbeat, health, record_failure
 from refdir.flows.cluster import start_cluster
 from refdir.flows.manifest import write_files
 from refdir.flows.stages import ModelRun, write_run_json
@@ -70,35 +72,61 @@ def model_flow(spec: RunSpec, key: str) -> dict:
     run_spec = spec
     store = Store.open(run_spec.store)
     mr = ModelRun(run_spec, key, store, draw_prompts(run_spec.prompts, run_spec.models), _PROGRESS["reporter"])
+    hb = Heartbeat(store, run_spec.run_id, key)
     try:
-        extract_task(mr)
-        aggregate_task(mr)
-        select_task(mr)
-        evaluate_task(mr)
+        with hb:
+            for stage, stage_task in (("extract", extract_task), ("aggregate", aggregate_task),
+                                      ("select", select_task), ("evaluate", evaluate_task)):
+                _logged_stage(mr, hb, stage, stage_task)
+            mr.ensure_model_row()
+    except BaseException as e:
+        record_failure(store, run_spec.run_id, key, hb.current, e)
+        raise
     finally:
         mr.close()
     return model_summary(store, run_spec, key)
 
 
+def _logged_stage(mr: ModelRun, hb: Heartbeat, stage: str, stage_task) -> None:
+    """One stage with its start and finish lines (to the log whatever the terminal) and heartbeat."""
+    if mr.stage_done(stage):
+        logger.info("%s %s: already done", mr.key, stage)
+        return
+    hb.stage(stage)
+    logger.info("%s %s: started", mr.key, stage)
+    t0 = time.perf_counter()
+    stage_task(mr)
+    logger.info("%s %s: finished in %.1f s", mr.key, stage, time.perf_counter() - t0)
+
+
 @flow(name="refdir-run")
-def run_flow(spec: RunSpec | dict, skip: dict[str, str] | None = None) -> dict:
+def run_flow(spec: RunSpec | dict, skip: dict[str, str] | None = None, run_name: str | None = None,
+             when: str | None = None, timezone: str | None = None) -> dict:
     """A whole run: every model of the spec; returns {model: summary} with failures reported, not raised.
 
     `spec` is a RunSpec (the CLI) or its JSON dict (a scheduled deployment, whose store credentials come
     from the environment: secrets are never written into deployment parameters). `skip` names models
     that failed preflight, with the reason; they are reported as failed without starting a worker.
+    A name template ("nightly-{date}") is filled from `when` (else the scheduled start) in `timezone`;
+    `run_name` names this trigger's run outright (flows/schedule.py).
     """
+    from refdir.flows.schedule import resolve_name, trigger_time
+
     run_spec = spec if isinstance(spec, RunSpec) else parse_spec(spec)
-    if not run_spec.is_resolved:   # a deployment's dict
-        run_spec = resolve_inputs(run_spec)
+    inputs = run_spec.inputs if run_spec.is_resolved else None
+    run_spec = resolve_name(run_spec, trigger_time(when, timezone), run_name)
+    if not run_spec.is_resolved:   # a deployment's dict, or a renamed spec: the name is not an input
+        run_spec = run_spec.with_inputs(inputs) if inputs is not None else resolve_inputs(run_spec)
     store = Store.open(run_spec.store)
     write_run_json(store, run_spec, versions())
     skip = skip or {}
     todo = [m.key for m in run_spec.models if m.key not in skip]
+    logs = {key: record_failure(store, run_spec.run_id, key, "preflight", reason) for key, reason in skip.items()}
     if todo:
         start_cluster(run_spec.compute, todo)   # Ray once, before any model thread; every actor fits a node
     done = _run_models(run_spec, todo)
-    results = {m.key: done[m.key] if m.key in done else {"model": m.key, "status": "failed", "error": skip[m.key]}
+    results = {m.key: done[m.key] if m.key in done else
+               {"model": m.key, "status": "failed", "error": skip[m.key], "stage": "preflight", "log": logs[m.key]}
                for m in run_spec.models}
     from refdir.flows.report import write_report
 
@@ -115,7 +143,9 @@ def _run_model(run_spec: RunSpec, key: str) -> dict:
     state = model_flow(spec=run_spec, key=key, return_state=True)
     if state.is_completed():
         return state.result()
-    return {"model": key, "status": "failed", "error": _error_text(state)}
+    hb = health(Store.open(run_spec.store), run_spec.run_id, key) or {}
+    return {"model": key, "status": "failed", "error": _error_text(state), "stage": hb.get("stage"),
+            "failed_at": hb.get("failed_at"), "log": hb.get("log")}
 
 
 def _run_models(run_spec: RunSpec, keys: list[str]) -> dict[str, dict]:
@@ -138,5 +168,9 @@ def _error_text(state) -> str:
 
 
 def ensure_prefect_env() -> None:
-    """Offline defaults: no analytics (avoids 'database is locked' noise)."""
+    """Offline defaults: no analytics (avoids 'database is locked' noise); Prefect's flow/task-run
+    tracebacks stay off the console (one line per failed model instead, the traceback in error.log)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from refdir.flows.progress import quiet_prefect_tracebacks
+
+    quiet_prefect_tracebacks()

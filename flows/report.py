@@ -65,7 +65,7 @@ def summary_table_rows(summary: dict) -> list[dict]:
             damage = rates.get(f"damage/{name}", {})
             if not (harmful or harmless or damage):
                 continue
-            rows.append({"model": key, "direction": f"pos {d['position']} layer {d['layer']}" if d else "-",
+            rows.append({"model": key, "direction": (f"pos {d['position']} layer {d['layer']}" + (" FALLBACK" if d.get("fallback") else "")) if d else "-",
                          "intervention": name, "harmful refusal": _with_ci(harmful, "refusal_rate"),
                          "harmless refusal": _with_ci(harmless, "refusal_rate"),
                          **{label: damage.get(k, "-") for label, k in _CLI_DAMAGE.items()}})

@@ -83,3 +83,47 @@ def model_summary(store, spec: RunSpec, key: str) -> dict:
         out["direction"] = {k: d[k] for k in ("position", "layer", "bypass_score", "induce_score", "kl_score", "fallback")}
     out["rates"] = rates(store, spec.run_id, key)
     return out
+
+
+def health_states(store, run_id: str, keys: list[str]) -> dict[str, dict]:
+    """{model: heartbeat doc} for models that have one; state running | stale | failed | finished."""
+    from refdir.flows.health import health
+
+    return {k: h for k in keys if (h := health(store, run_id, k)) is not None}
+
+
+def run_state(store, run_id: str, keys: list[str]) -> tuple[str, str | None]:
+    """(status, last activity time) of a run: done | failed | stale | running | incomplete."""
+    mans = {k: manifest(store, run_id, k) for k in keys}
+    hs = health_states(store, run_id, keys)
+    times = [st.get("finished_at") for m in mans.values() for st in m.get("stages", {}).values()]
+    times += [h.get("updated_at") for h in hs.values()]
+    last = max((t for t in times if t), default=None)
+    undone = [k for k in keys if model_status(mans[k]) != "done"]
+    if not undone:
+        return "done", last
+    states = {hs[k]["state"] for k in undone if k in hs}
+    for s in ("running", "stale", "failed"):
+        if s in states:
+            return s, last
+    return "incomplete", last
+
+
+def list_runs(store) -> list[dict]:
+    """Every run in the store, oldest first: id, name, models, status, started, duration, store."""
+    from datetime import datetime
+
+    rows = []
+    for rel in store.glob(f"{layout.run_dir('*')}/run.json"):
+        doc = store.read_json(rel)
+        keys = [m["key"] for m in doc.get("spec", {}).get("models", [])]
+        status, last = run_state(store, doc["run_id"], keys)
+        started = doc.get("created_at")
+        duration = None
+        if started and last:
+            fmt = "%Y-%m-%dT%H:%M:%SZ"
+            secs = (datetime.strptime(last, fmt) - datetime.strptime(started, fmt)).total_seconds()
+            duration = f"{int(secs // 3600)}h{int(secs % 3600 // 60):02d}m{int(secs % 60):02d}s"
+        rows.append({"id": doc["run_id"], "name": doc.get("spec", {}).get("name"), "models": ",".join(keys),
+                     "status": status, "started": started, "duration": duration, "store": store.uri})
+    return sorted(rows, key=lambda r: (r["started"] or "", r["id"]))

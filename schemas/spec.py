@@ -169,8 +169,11 @@ class RunSpec(_Frozen):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not _KEY_RE.match(v):
-            raise ValueError(f"run name {v!r} must match {_KEY_RE.pattern}")
+        # {date} / {time} / {datetime} are filled in when a scheduled run starts (flows/schedule.py)
+        filled = v.replace("{datetime}", "2000-01-01T0000").replace("{date}", "2000-01-01").replace("{time}", "0000")
+        if not _KEY_RE.match(filled):
+            raise ValueError(f"run name {v!r} must match {_KEY_RE.pattern} (placeholders: {{date}}, {{time}}, "
+                             "{datetime})")
         return v
 
     @model_validator(mode="after")

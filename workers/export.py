@@ -9,8 +9,11 @@ recording the direction, its scores and provenance. It loads in plain transforme
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,7 @@ def _card(spec: ModelSpec, card: dict, exact: bool) -> str:
         f"| bypass score | {d['bypass_score']:.4f} |", f"| induce score | {d['induce_score']:.4f} |",
         f"| KL | {d['kl_score']:.4f} |", f"| fallback selection | {d.get('fallback', False)} |",
         f"| exact orthogonalisation | {exact} |",
+        *([f"| source weights | {card['source_weights']} |"] if card.get("source_weights") else []),
         "",
         "This model will comply with harmful requests it used to refuse. Use it for research on refusal only.",
         "",
@@ -47,14 +51,50 @@ def _card(spec: ModelSpec, card: dict, exact: bool) -> str:
 
 
 def export_orthogonalized(spec: ModelSpec, direction: np.ndarray, out_dir: str | Path, card: dict) -> Path:
+    """Load, orthogonalise, save into a temporary sibling folder, then move it to `out_dir` (which must be
+    absent or empty): a failure leaves no folder behind. GGUF weights are saved dequantised (safetensors)."""
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"export folder {str(out)!r} exists and is not empty; choose a new --out")
     lm = load_model(spec, device="cpu")
     orthogonalize_(lm, torch.as_tensor(direction, dtype=torch.float32))
-    out.mkdir(parents=True, exist_ok=True)
     lm.model.config.tie_word_embeddings = False
-    lm.model.save_pretrained(out, safe_serialization=True)
-    lm.tokenizer.save_pretrained(out)
-    (out / "refdir_direction.json").write_text(json.dumps(card, indent=2, default=str))
-    (out / "README.md").write_text(_card(spec, card, lm.family.exact_orthogonalization))
+    model = lm.model
+    if spec.gguf_file:
+        model = _dequantised(lm.model)
+        card = {**card, "source_weights": f"GGUF `{spec.gguf_file}`, dequantised by transformers on load and saved as "
+                                          f"{str(model.dtype).replace('torch.', '')} safetensors (not quantised)"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        lm.tokenizer.save_pretrained(tmp)
+        (tmp / "refdir_direction.json").write_text(json.dumps(card, indent=2, default=str))
+        (tmp / "README.md").write_text(_card(spec, card, lm.family.exact_orthogonalization))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     logger.info("exported orthogonalised %s to %s", spec.key, out)
     return out
+
+
+def _dequantised(model: torch.nn.Module) -> torch.nn.Module:
+    """A GGUF-loaded model as a plain one: transformers dequantises GGUF tensors on load but marks the model
+    quantised (and so not serialisable); rebuild the class from its config without `quantization_config`
+    and load the (edited, already float) state dict into it."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    state = model.state_dict()
+    dtype = next(iter(state.values())).dtype
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("rotary_emb.inv_freq")]:
+        raise RuntimeError(f"dequantised export: state dict does not fit {type(plain).__name__} "
+                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return plain.eval()
