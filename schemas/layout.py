@@ -16,6 +16,7 @@ files, so a shard without a marker does not exist. Every path refdir uses is bui
     runs/{run_id}/{model}/direction.safetensors, direction.json, directions.parquet
     runs/{run_id}/{model}/completions/{dataset}/{intervention}/part-{job:05d}.parquet (+ _done/)
     runs/{run_id}/{model}/evals/{dataset}-{intervention}.parquet
+    runs/{run_id}/{model}/trials/part-{trial:05d}.parquet (+ _done/), trials.parquet   optimize trials (opt-in)
     runs/{run_id}/{model}/model.parquet                     the model's row of `runs`
     runs/{run_id}/{model}/_manifest/{stage}.json            one per stage, written last by that stage
     runs/{run_id}/{model}/_manifest/model.json              vouches for model.parquet
@@ -170,6 +171,29 @@ def evals_table(run_id: str, model: str, dataset: str, intervention: str) -> str
     return f"{evals_dir(run_id, model)}/{dataset}-{intervention}.parquet"
 
 
+def trial_shard(run_id: str, model: str, trial: int) -> str:
+    """One optimize trial: its parameters, objective values, judge detail and actor (flows/optimize.py)."""
+    return f"{model_dir(run_id, model)}/trials/part-{trial:05d}.parquet"
+
+
+def trial_marker(run_id: str, model: str, trial: int) -> str:
+    return f"{trial_markers_dir(run_id, model)}/{trial:05d}.json"
+
+
+def trial_markers_dir(run_id: str, model: str) -> str:
+    return f"{model_dir(run_id, model)}/trials/_done"
+
+
+def trials_table(run_id: str, model: str) -> str:
+    """Every finished trial of the model's study with its Pareto and chosen flags (written when it completes)."""
+    return f"{model_dir(run_id, model)}/trials.parquet"
+
+
+def optimize_manifest(run_id: str, model: str) -> str:
+    """The optimize stage's manifest (opt-in, so not one of STAGES): status, trials, chosen trial, files."""
+    return f"{manifest_dir(run_id, model)}/optimize.json"
+
+
 def organism_dir(seed: int) -> str:
     return f"models/organism-seed{seed}"
 
@@ -186,4 +210,5 @@ VIEW_GLOBS = {
     "completions": "runs/*/*/completions/*/*/part-*.parquet",
     "evals": "runs/*/*/evals/*.parquet",
     "runs": "runs/*/*/model.parquet",
+    "trials": "runs/*/*/trials.parquet",
 }

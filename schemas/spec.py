@@ -153,6 +153,44 @@ class ComputeSpec(_Frozen):
     extract_concurrency: int = Field(3, ge=1, description="Extraction jobs a GPU actor runs at once, so host-side Parquet encoding overlaps the next forward pass; CPU actors run one.")
 
 
+class OptimizeSpec(_Frozen):
+    """Optimised abliteration (opt-in): a seeded multi-objective TPE search over weighted orthogonalisations,
+    after selection, one trial per model actor at a time. Bounds of positions and widths are fractions of the
+    last layer index; each range must hold the paper's setting (weight 1 everywhere), which is trial 0.
+    Not part of the run id: the stage's markers record the digest of these settings instead."""
+
+    enabled: bool = Field(False, description="Run the optimize stage after select (trials in `trials`, the chosen one evaluated as intervention 'optimized').")
+    trials: int = Field(64, ge=2, description="Trials in the study, trial 0 (the paper's direction, weight 1 everywhere) included.")
+    parallel: int | None = Field(None, ge=1, description="Trials in flight at once; default = one per model actor.")
+    seed: int = Field(0, description="Seed of the TPE sampler; a resumed study is rebuilt from it and its finished trials.")
+    objectives: list[Literal["refusals", "kl", "refusal_score"]] = Field(["refusals", "kl"], min_length=2, description="What the study minimises: refusals (harmful val, substring judge), kl (first-token KL on harmless val), refusal_score (mean, harmful val).")
+    max_new_tokens: int = Field(64, ge=1, description="New tokens per harmful val prompt for the refusal count (long enough that a refusal after a compliant opening is seen).")
+    max_refusal_rate: float = Field(0.05, ge=0, le=1, description="Chosen trial: lowest KL among trials whose harmful val refusal rate is at most this, else the knee of the Pareto front.")
+    direction_kinds: list[Literal["raw", "projected"]] = Field(["raw", "projected"], min_length=1, description="Direction variants: raw diff-in-means, projected = orthogonalised against the mean harmless activation at its layer.")
+    direction_layers: list[float] = Field([0.0, 1.0], min_length=2, max_length=2, description="Bounds of the fractional direction layer (interpolating adjacent candidates at the selected position), as fractions of the last layer; clipped to scored candidates.")
+    embed_weight: list[float] = Field([0.0, 1.0], min_length=2, max_length=2, description="Bounds of the embedding's ablation weight (the paper: 1).")
+    max_weight: list[float] = Field([0.5, 1.5], min_length=2, max_length=2, description="Bounds of each component's peak weight (attention-out, MLP-down).")
+    max_weight_position: list[float] = Field([0.0, 1.0], min_length=2, max_length=2, description="Bounds of the peak's layer, as fractions of the last layer.")
+    min_weight: list[float] = Field([0.0, 1.0], min_length=2, max_length=2, description="Bounds of the floor weight, as a fraction of the peak weight.")
+    min_weight_distance: list[float] = Field([0.1, 1.0], min_length=2, max_length=2, description="Bounds of the kernel's half-width (layers beyond it get weight 0), as fractions of the last layer.")
+
+    @model_validator(mode="after")
+    def _paper_inside(self) -> "OptimizeSpec":
+        for name, paper in (("direction_layers", None), ("embed_weight", 1.0), ("max_weight", 1.0),
+                            ("max_weight_position", None), ("min_weight", 1.0), ("min_weight_distance", 1.0)):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"optimize.{name} = [{lo}, {hi}] must be [low, high] with 0 <= low <= high")
+            if paper is not None and not lo <= paper <= hi:
+                raise ValueError(f"optimize.{name} = [{lo}, {hi}] must hold {paper}: trial 0 is the paper's setting "
+                                 "(weight 1 at every layer) and must lie in the search space")
+        if "raw" not in self.direction_kinds:
+            raise ValueError("optimize.direction_kinds must hold 'raw': trial 0 is the paper's raw direction")
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"optimize.objectives {self.objectives} names an objective twice")
+        return self
+
+
 class RunSpec(_Frozen):
     """A whole run: models x prompts x method settings -> one run id."""
 
@@ -165,6 +203,7 @@ class RunSpec(_Frozen):
     evaluation: EvaluationSpec = Field(EvaluationSpec(), description="Evaluation settings.")
     store: StoreSpec = Field(StoreSpec(), description="Store location and credentials.")
     compute: ComputeSpec = Field(ComputeSpec(), description="Ray cluster and worker sizes.")
+    optimize: OptimizeSpec = Field(OptimizeSpec(), description="Optimised abliteration search after selection (opt-in).")
 
     @field_validator("name")
     @classmethod
