@@ -203,7 +203,8 @@ def examples(store, run_id: str, key: str, k: int) -> dict[tuple[str, str], list
             continue
         t = store.read_table(marker["data"], columns=["prompt_id", "prompt", "response", "judge", "refused"])
         t = t.to_pylist()
-        rows += [r for r in t if r["judge"] == t[0]["judge"]][: k - len(rows)]
+        judge = "substring" if any(r["judge"] == "substring" for r in t) else t[0]["judge"]   # a refusal judge
+        rows += [r for r in t if r["judge"] == judge][: k - len(rows)]
     order = lambda g: (dataset_order([g[0], *_DATASETS]).index(g[0]), intervention_order(g[1]))  # noqa: E731
     return {g: groups[g] for g in sorted(groups, key=order) if groups[g]}
 
