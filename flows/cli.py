@@ -404,12 +404,13 @@ def report(run_id: str = typer.Argument(..., help="Run id (see `refdir runs`)"),
 @app.command()
 def export(run_id: str = typer.Argument(..., help="Run id (see `refdir runs`)"),
            model: str = typer.Option(..., "--model", help="Model key in the run"),
-           out_dir: Path = typer.Option(..., "--out", help="New (or empty) folder for the model"), store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP)) -> None:
-    """Write the orthogonalised model (save_pretrained, tokenizer, model card)."""
+           out_dir: Path = typer.Option(..., "--out", help="New (or empty) folder for the model"), store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+           trial: Optional[int] = typer.Option(None, "--trial", help="An optimize trial (see the `trials` view) instead of the paper's direction")) -> None:
+    """Write the orthogonalised model (save_pretrained, tokenizer, model card); --trial N: that optimize trial's edit."""
     from refdir.flows.export import export_model
 
-    path = export_model(_store_uri(store), run_id, model, out_dir)
-    out.print(f"orthogonalised model written to {path}")
+    path = export_model(_store_uri(store), run_id, model, out_dir, trial=trial)
+    out.print(f"{'optimize trial ' + str(trial) if trial is not None else 'orthogonalised'} model written to {path}")
 
 
 @app.command("export-official")

@@ -32,16 +32,41 @@ def _direction(store: Store, run_id: str, key: str) -> dict:
     return store.read_json(rel)
 
 
-def export_model(store_uri: str, run_id: str, key: str, out_dir: str | Path) -> Path:
+def export_model(store_uri: str, run_id: str, key: str, out_dir: str | Path, trial: int | None = None) -> Path:
     from refdir.workers.export import export_orthogonalized
 
     spec = stored_spec(store_uri, run_id)
     model = spec.model(key)   # a wrong --model names the run's models, before anything else
     store = Store.open(spec.store, create=False)
     d = _direction(store, run_id, key)
+    if trial is not None:
+        return _export_trial(store, model, run_id, key, d, trial, out_dir)
     card = {"run_id": run_id, "model": key, "versions": versions(),
             "direction": {k: d[k] for k in ("position", "layer", "bypass_score", "induce_score", "kl_score", "fallback")}}
-    return export_orthogonalized(spec.model(key), np.asarray(d["vector"]), out_dir, card)
+    return export_orthogonalized(model, np.asarray(d["vector"]), out_dir, card)
+
+
+def _export_trial(store: Store, model, run_id: str, key: str, selected: dict, trial: int, out_dir) -> Path:
+    """An optimize trial's edited model (flows/optimize.py): its direction and per-layer weights."""
+    from refdir.workers.export import export_orthogonalized
+    from refdir.workers.optimize import TrialParams, load_vectors, trial_direction
+
+    m = store.marker(layout.trial_marker(run_id, key, trial))
+    if m is None:
+        raise StageError(f"run {run_id} has no finished optimize trial {trial} for model {key!r}; list them with "
+                         f"`refdir sql \"select trial, refusals, kl, pareto, chosen from trials\"`")
+    row = store.read_table(m["data"], sha256=m["sha256"]).to_pylist()[0]
+    n_layers = int(selected.get("n_layers") or len(row["attn_weights"]))
+    params = TrialParams.from_flat(m["params"])
+    vec = load_vectors(store, run_id, key)
+    r = trial_direction(vec.candidates, vec.harmless_means, row["position"], params.direction_layer,
+                        params.direction_kind)
+    weights = params.layer_weights(n_layers)
+    card = {"run_id": run_id, "model": key, "versions": versions(),
+            "trial": {"trial": trial, "params": m["params"], "refusals": row["refusals"], "n": row["n"],
+                      "kl": row["kl"], "position": row["position"],
+                      "weights": {"embed": weights.embed, "attn": weights.attn, "mlp": weights.mlp}}}
+    return export_orthogonalized(model, r, out_dir, card, weights=weights)
 
 
 def export_official(store_uri: str, run_id: str, key: str, out_dir: str | Path) -> Path:

@@ -209,3 +209,41 @@ def projection_plot(layers: list[int], stats: dict[str, tuple[np.ndarray, np.nda
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.grid(alpha=0.3)
     return to_data_uri(fig)
+
+
+def trials_plot(rows: list[dict]) -> str:
+    """Optimize trials (flows/optimize.py): refusals (harmful val) against first-token KL (harmless val, log
+    scale) with the Pareto front, the paper's direction (trial 0) and the chosen trial marked; and the chosen
+    trial's weight kernels over layers. rows: trial, refusals, n, kl, pareto, chosen, attn_weights, mlp_weights,
+    embed_weight."""
+    fig, (ax, kx) = _subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    kl = np.array([max(r["kl"], 1e-6) for r in rows])
+    ref = np.array([r["refusals"] for r in rows])
+    ax.scatter(kl, ref, s=18, color="#999999", label="trial")
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["kl"])
+    if front:
+        ax.step([max(r["kl"], 1e-6) for r in front], [r["refusals"] for r in front], where="post", color=HARMLESS,
+                lw=1.5, label="Pareto front")
+    for r in rows:
+        if r["trial"] == 0:
+            ax.scatter([max(r["kl"], 1e-6)], [r["refusals"]], s=140, marker="*", color=HARMFUL, zorder=3,
+                       label="paper's direction (trial 0)")
+        if r["chosen"]:
+            ax.scatter([max(r["kl"], 1e-6)], [r["refusals"]], s=90, facecolors="none", edgecolors="black", lw=1.5,
+                       zorder=4, label=f"chosen (trial {r['trial']})")
+    ax.set_xscale("log")
+    ax.set_xlabel("first-token KL(baseline || trial), harmless val")
+    ax.set_ylabel(f"refusals, harmful val (of {rows[0]['n']})")
+    ax.legend(fontsize=8, loc="best")
+    chosen = next((r for r in rows if r["chosen"]), rows[0])
+    layers = np.arange(len(chosen["attn_weights"]))
+    kx.plot(layers, chosen["attn_weights"], marker="o", label="attention-out")
+    kx.plot(layers, chosen["mlp_weights"], marker="s", label="MLP-down")
+    kx.axhline(chosen["embed_weight"], color="#777777", ls=":", label="embedding")
+    kx.axhline(1.0, color=HARMFUL, ls="--", lw=0.8, label="paper (1 everywhere)")
+    kx.set_xlabel("layer")
+    kx.set_ylabel("ablation weight")
+    kx.set_title(f"trial {chosen['trial']} kernels", fontsize=10)
+    kx.legend(fontsize=8)
+    _layer_ticks(kx, list(layers))
+    return to_data_uri(fig)

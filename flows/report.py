@@ -319,6 +319,20 @@ def _projection(store, run_id: str, m: ModelData) -> str:
             + _note("all train prompts (kept or not), activations at the input of each block"))
 
 
+def _trials(store, run_id: str, m: ModelData) -> str:
+    """The optimize study (flows/optimize.py): refusals x KL with the Pareto front, the paper's direction and the
+    chosen trial's kernels; the front as a table."""
+    rows = store.read_table(layout.trials_table(run_id, m.key)).to_pylist()
+    front = sorted((r for r in rows if r["pareto"] or r["trial"] == 0 or r["chosen"]), key=lambda r: r["kl"])
+    body = [[_td(r["trial"]), _td(("paper's direction" if r["trial"] == 0 else "") + (" chosen" if r["chosen"] else ""),
+                                 text=True),
+             _td(f"{r['refusals']}/{r['n']}", text=True), _td(r["kl"]), _td(r["direction_kind"], text=True),
+             _td(r["direction_layer"]), _td("yes" if r["pareto"] else "no", text=True)] for r in front]
+    return (_img(plots.trials_plot(rows), "trials", "refusals against KL of the optimize trials")
+            + _table(["trial", "", "refusals (harmful val)", "KL (harmless val)", "direction", "layer", "Pareto"], body)
+            + _note(f"{len(rows)} trials; the chosen trial is evaluated on harmful test as intervention 'optimized'"))
+
+
 def _model_section(store, run_id: str, m: ModelData) -> str:
     a = f"model-{m.key}"
     head = f'<h2>{_e(m.key)} {_badge(m.status)}</h2>'
@@ -334,6 +348,8 @@ def _model_section(store, run_id: str, m: ModelData) -> str:
              _part(f"{a}-damage", "CE / KL damage", _damage, m),
              _part(f"{a}-projection", "projection on the direction", _projection, store, run_id, m),
              _part(f"{a}-examples", "example completions", _examples, store, run_id, m)]
+    if store.exists(layout.trials_table(run_id, m.key)):
+        parts.append(_part(f"{a}-trials", "optimised abliteration: refusals x KL", _trials, store, run_id, m))
     return f'<section class="model" id="{_e(a)}" data-status="{_e(m.status)}">{head}{"".join(parts)}</section>'
 
 

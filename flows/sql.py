@@ -46,7 +46,8 @@ from refdir.workers.store import Store
 
 logger = logging.getLogger(__name__)
 
-VIEWS = ("runs", "activations", "prompts", "means", "candidates", "scores", "directions", "completions", "evals", "sums")
+VIEWS = ("runs", "activations", "prompts", "means", "candidates", "scores", "directions", "completions", "evals", "sums",
+         "trials")
 
 MAX_TABLE_ROWS = 200   # rows printed in fmt="table" (csv/json print everything)
 MAX_CELL = 48          # characters per printed cell
@@ -68,6 +69,7 @@ _HINTS = {
     "means": "the aggregate stage (`refdir run SPEC`)", "candidates": "the aggregate stage (`refdir run SPEC`)",
     "scores": "the select stage (`refdir run SPEC`)", "directions": "the select stage (`refdir run SPEC`)",
     "completions": "the evaluate stage (`refdir run SPEC`)", "evals": "the evaluate stage (`refdir run SPEC`)",
+    "trials": "the optimize stage (`[optimize] enabled = true` in the spec)",
 }
 
 

@@ -153,6 +153,30 @@ def evals_schema() -> pa.Schema:
     ])
 
 
+def trials_schema() -> pa.Schema:
+    """One row per optimize trial (flows/optimize.py); pareto/chosen are filled when the study completes."""
+    return pa.schema(_key_fields() + [
+        pa.field("trial", pa.int32()),
+        pa.field("params", pa.string()),            # JSON: the sampled parameters, as the study saw them
+        pa.field("direction_kind", pa.string()),    # raw | projected
+        pa.field("direction_layer", pa.float64()),  # fractional: interpolates adjacent layers' candidates
+        pa.field("position", pa.int16()),
+        pa.field("embed_weight", pa.float64()),
+        pa.field("attn_weights", pa.list_(pa.float64())),   # per layer, attention-out
+        pa.field("mlp_weights", pa.list_(pa.float64())),    # per layer, MLP-down
+        pa.field("refusals", pa.int32()),           # harmful val completions the substring judge calls refusals
+        pa.field("n", pa.int32()),
+        pa.field("refusal_score", pa.float64()),    # mean refusal score, harmful val
+        pa.field("kl", pa.float64()),               # mean first-token KL(baseline || trial), harmless val
+        pa.field("n_kl", pa.int32()),
+        pa.field("judge_detail", pa.string()),      # JSON: {judge: positive verdicts} and refused prompt ids
+        pa.field("actor", pa.string()),
+        pa.field("seconds", pa.float64()),
+        pa.field("pareto", pa.bool_()),
+        pa.field("chosen", pa.bool_()),
+    ])
+
+
 TABLES = {
     "runs": runs_schema,
     "activations": activations_schema,
@@ -164,6 +188,7 @@ TABLES = {
     "directions": directions_schema,
     "completions": completions_schema,
     "evals": evals_schema,
+    "trials": trials_schema,
 }
 
 

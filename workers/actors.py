@@ -72,6 +72,27 @@ class ModelWorker:
         d = self._direction(run_id, model_key)
         return damage_metrics(self.lm, d, intervention, sets, own, batch_size)
 
+    def trial(self, job) -> dict:
+        """One optimize trial (workers/optimize.py): its marker, with the id of the actor that ran it."""
+        from refdir.workers.optimize import run_trial
+
+        return run_trial(self.lm, self.store, job, self._trial_vectors(job.run_id, job.model.key), self._judges,
+                         actor=_actor_id())
+
+    def trial_eval(self, job) -> Receipt:
+        """Greedy completions of test prompts under a trial's weighted orthogonalisation (intervention 'optimized')."""
+        from refdir.workers.optimize import run_trial_eval
+
+        return run_trial_eval(self.lm, self.store, job, self._trial_vectors(job.run_id, job.model.key), self._judges)
+
+    def _trial_vectors(self, run_id: str, model_key: str):
+        from refdir.workers.optimize import load_vectors
+
+        key = f"trials:{run_id}/{model_key}"
+        if key not in self._vectors:
+            self._vectors[key] = load_vectors(self.store, run_id, model_key)
+        return self._vectors[key]
+
     def _load_candidates(self, run_id: str, model_key: str) -> dict[tuple[int, int], np.ndarray]:
         t = self.store.read_table(layout.candidates_table(run_id, model_key))
         pos, layer = t.column("position").to_pylist(), t.column("layer").to_pylist()
@@ -85,6 +106,16 @@ class ModelWorker:
             self._directions[key] = Direction(torch.tensor(meta["vector"], dtype=torch.float32),
                                               meta["layer"], meta["position"])
         return self._directions[key]
+
+
+def _actor_id() -> str:
+    """The Ray actor id of this process's actor (a plain process: its pid)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
+    except Exception:  # noqa: BLE001 - outside Ray
+        return f"pid-{os.getpid()}"
 
 
 def remote_worker(num_gpus: float = 0, num_cpus: float = 1, max_restarts: int = 2, max_concurrency: int = 1):

@@ -50,14 +50,39 @@ def _card(spec: ModelSpec, card: dict, exact: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_orthogonalized(spec: ModelSpec, direction: np.ndarray, out_dir: str | Path, card: dict) -> Path:
+def _trial_card(spec: ModelSpec, card: dict, exact: bool) -> str:
+    """The model card of an optimize trial's export: the trial's parameters and per-layer weights."""
+    t = card["trial"]
+    rows = [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(t["params"].items())]
+    lines = [f"# {spec.key} with an optimised weighted orthogonalisation (trial {t['trial']})", "",
+             f"Base model: `{spec.path}`" + (f" (revision `{spec.revision}`)" if spec.revision else ""),
+             f"Made by refdir from run `{card['run_id']}`, optimize trial {t['trial']}: W <- W - w r r^T W with per-layer",
+             "weights w for the attention output and MLP down projections and one weight for the embeddings (refdir's",
+             "README, 'Optimised abliteration'). The trial's parameters (positions and widths in layers, min_weight a",
+             "fraction of max_weight):", "", "| parameter | value |", "| --- | --- |", *rows, "",
+             f"Harmful val refusals {t['refusals']}/{t['n']}, first-token KL on harmless val {t['kl']:.4f}; "
+             f"position {t['position']}.", "",
+             f"Embedding weight {t['weights']['embed']:.4f}; attention-out weights "
+             f"{[round(w, 4) for w in t['weights']['attn']]}; MLP-down weights {[round(w, 4) for w in t['weights']['mlp']]}.",
+             f"Exact orthogonalisation family: {exact}.", "",
+             "This model will comply with harmful requests it used to refuse. Use it for research on refusal only."]
+    return "\n".join(lines) + "\n"
+
+
+def export_orthogonalized(spec: ModelSpec, direction: np.ndarray, out_dir: str | Path, card: dict,
+                          weights=None) -> Path:
     """Load, orthogonalise, save into a temporary sibling folder, then move it to `out_dir` (which must be
     absent or empty): a failure leaves no folder behind. GGUF weights are saved dequantised (safetensors)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"export folder {str(out)!r} exists and is not empty; choose a new --out")
     lm = load_model(spec, device="cpu")
-    orthogonalize_(lm, torch.as_tensor(direction, dtype=torch.float32))
+    if weights is None:
+        orthogonalize_(lm, torch.as_tensor(direction, dtype=torch.float32))
+    else:   # an optimize trial (workers/optimize.py): float64 direction, as its trial job used it
+        from refdir.workers.optimize import weighted_orthogonalize_
+
+        weighted_orthogonalize_(lm, torch.as_tensor(direction, dtype=torch.float64), weights)
     lm.model.config.tie_word_embeddings = False
     model = lm.model
     if spec.gguf_file:
@@ -70,7 +95,8 @@ def export_orthogonalized(spec: ModelSpec, direction: np.ndarray, out_dir: str |
         model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
         (tmp / "refdir_direction.json").write_text(json.dumps(card, indent=2, default=str))
-        (tmp / "README.md").write_text(_card(spec, card, lm.family.exact_orthogonalization))
+        (tmp / "README.md").write_text((_trial_card if "trial" in card else _card)(spec, card,
+                                                                                lm.family.exact_orthogonalization))
         if out.exists():
             out.rmdir()
         tmp.rename(out)
