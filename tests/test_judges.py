@@ -129,3 +129,33 @@ def test_wilson_interval_matches_the_published_and_hand_computed_values():
         assert wilson_interval(k, n) == pytest.approx(_wilson_by_hand(k, n), abs=1e-12)
     for n in (1, 7, 48, 100):   # the ends are exact (a float 1e-17 below 0 breaks error bars)
         assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+
+
+@pytest.mark.slow
+def test_llamaguard_in_a_run_fills_jailbroken_and_jailbreak_rate(prefect_api, ray_cluster, organism_dir, tmp_path):
+    """A whole organism run with Llama Guard: verdicts only on the harmful test set, `jailbroken` filled and
+    `refused` null in its rows, evals `jailbreak_rate` with a Wilson interval next to the substring refusal_rate."""
+    import duckdb
+
+    from refdir.flows.runner import execute
+    from refdir.schemas.spec import ModelSpec
+    from refdir.workers.identity import resolve_inputs
+    from tests.test_pipeline import make_spec
+
+    guard = _guard(tmp_path / "guard", "unsafe")
+    spec = make_spec("guard", [ModelSpec(key="organism", path=str(organism_dir))], str(tmp_path / "store"))
+    spec = resolve_inputs(spec.model_copy(update={"evaluation": spec.evaluation.model_copy(
+        update={"judges": ["substring", f"llamaguard:{guard}"]})}))
+    assert execute(spec)["models"]["organism"]["status"] == "done"
+    root = tmp_path / "store" / "runs" / spec.run_id / "organism"
+    rows = duckdb.sql(f"select dataset, judge, count(*) n, count(refused) r, count(jailbroken) j "
+                      f"from '{root}/completions/*/*/*.parquet' group by all order by all").fetchall()
+    g = f"llamaguard:{guard}"
+    assert {(d, j) for d, j, *_ in rows} == {("harmful_test", "substring"), ("harmful_test", g),
+                                             ("harmless_test", "substring")}
+    assert all((r, j) == ((n, 0) if judge == "substring" else (0, n)) for _, judge, n, r, j in rows)
+    evals = duckdb.sql(f"select dataset, intervention, metric, value, n, ci_low, ci_high from '{root}/evals/*.parquet' "
+                       f"where judge = '{g}'").fetchall()
+    assert evals and {(d, m) for d, _, m, *_ in evals} == {("harmful_test", "jailbreak_rate")}
+    for _, _, _, value, n, lo, hi in evals:   # organism replies are < 15 words: never jailbroken (the paper's rule)
+        assert value == 0.0 and (lo, hi) == pytest.approx(wilson_interval(0, n)) and hi > 0
