@@ -53,10 +53,10 @@ def with_overrides(spec: RunSpec, store: str | None = None, ray_address: str | N
 
 def _check_damage_sources(spec: RunSpec) -> None:
     """Load the damage-metric sources (ce_pile_source, ce_alpaca_source) so a bad one fails before any model."""
-    from refdir.workers.damage import DamageSourceError, load_damage_sets
+    from refdir.workers.damage import DamageSourceError, check_damage_sources
 
     try:
-        load_damage_sets(spec.evaluation)
+        check_damage_sources(spec.evaluation)
     except DamageSourceError as e:
         raise SpecError(f"evaluation: {e}") from None
 

@@ -160,6 +160,12 @@ def load_damage_sets(evaluation) -> DamageSets:
                       max_tokens=ev.ce_max_tokens, pile_source=ev.ce_pile_source, alpaca_source=ev.ce_alpaca_source)
 
 
+def check_damage_sources(evaluation) -> None:
+    """Preflight: each source loads and yields at least one usable row (reads one row, not ce_n)."""
+    load_pile(evaluation.ce_pile_source, 1)
+    load_alpaca(evaluation.ce_alpaca_source, 1)
+
+
 # ------------------------------------------------------------------------------------------ losses
 
 
