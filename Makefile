@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo science test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/refdir demo
+
+# The science check (README "Science check"): builds the SmolLM2-135M refusal organism (once per recipe) and
+# runs the paper's procedure on it; prints the paper's table and the acceptance figures. Long on CPU.
+science: setup
+	$(BIN)/refdir demo --organism smollm2 --plain
 
 # Everything but the slow end-to-end runs (`-m "not slow"`), for quick checks while editing.
 test-fast: setup

@@ -42,6 +42,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from refdir.workers.families import FamilyError
     from refdir.workers.judges import JudgeError
     from refdir.workers.model import ModelLoadError
+    from refdir.workers.organism_lm import OrganismError
     from refdir.workers.pool import JobsFailed
     from refdir.workers.prompts import PromptSourceError
     from refdir.workers.selection import SelectionError
@@ -50,7 +51,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (SpecError, ModelLoadError, FamilyError, ChatTemplateError, StoreError, SqlError, PromptSourceError,
             StageError, SelectionError, RayUnavailable, JudgeError, JobsFailed, SchemaVersionError,
-            AggregateError, ReportError, ScheduleError, FileNotFoundError, FileExistsError)
+            AggregateError, ReportError, ScheduleError, FileNotFoundError, FileExistsError, OrganismError)
 
 
 def main() -> None:
@@ -62,10 +63,15 @@ def main() -> None:
     from refdir.flows.progress import setup_logging
 
     setup_logging(os.environ.get("REFDIR_LOG_FORMAT", "text"))
+    from refdir.flows.services import RunInterrupted
+
     try:
         app()
+    except RunInterrupted as e:
+        err.print(f"[yellow]{escape(str(e))}[/yellow]", highlight=False, soft_wrap=True)
+        raise SystemExit(130) from None
     except _user_errors() as e:
-        err.print(f"[red]error:[/red] {escape(bounded(str(e)))}", markup=True, highlight=False)
+        err.print(f"[red]error:[/red] {escape(bounded(str(e)))}", markup=True, highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
 
 
@@ -185,14 +191,34 @@ def _print_doctor(report: dict, model: str) -> None:
 
 
 @app.command()
-def organism(out_dir: Path = typer.Option(..., "--out", help="Folder to write the model into"),
+def organism(out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder to write the model into "
+                                                  "(default for --base smollm2: the store's models/ folder)"),
+             base: str = typer.Option("toy", "--base", help="toy (4-layer Llama, ~30 s) or smollm2 (SmolLM2-135M-Instruct "
+                                                           "taught to refuse, minutes on CPU)"),
              seed: int = typer.Option(0, "--seed", help="Training seed (builds are bitwise deterministic per seed)"),
-             steps: int = typer.Option(250, "--steps", help="Training steps")) -> None:
-    """Build and train the refusal model organism (CPU, under a minute)."""
-    from refdir.workers.organism import build_organism
+             steps: int = typer.Option(250, "--steps", help="Training steps (toy only; the smollm2 recipe is fixed)"),
+             store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP)) -> None:
+    """Build a refusal model organism: the toy, or a real LM taught to refuse (cached by recipe hash)."""
+    if base == "toy":
+        from refdir.workers.organism import build_organism
 
-    path = build_organism(out_dir, seed=seed, steps=steps)
-    out.print(f"organism written to {path}")
+        if out_dir is None:
+            raise typer.BadParameter("the toy organism needs --out DIR", param_hint="--out")
+        out.print(f"organism written to {build_organism(out_dir, seed=seed, steps=steps)}")
+        return
+    from refdir.workers.organism_lm import Recipe, build_lm_organism, check_recipe
+
+    recipe = Recipe(base=base, seed=seed)
+    check_recipe(recipe)
+    if out_dir is None:
+        from refdir.flows.science import lm_organism_path
+        from refdir.workers.store import Store
+
+        path = lm_organism_path(Store.open(_store_uri(store)), base, seed)
+    else:
+        path = build_lm_organism(out_dir, recipe)
+    meta = json.loads((path / "refdir_organism.json").read_text())
+    out.print(f"{base} organism (recipe {meta['recipe_hash']}, built in {meta['seconds']['total_s']:.0f} s) at {path}")
 
 
 # ---- pipeline -----------------------------------------------------------------------------------
@@ -200,8 +226,9 @@ def organism(out_dir: Path = typer.Option(..., "--out", help="Folder to write th
 def _run_and_print(spec, plain: bool, verify: bool = False) -> dict:
     from refdir.flows.progress import make_reporter
     from refdir.flows.runner import execute
+    from refdir.flows.services import run_session
 
-    with make_reporter(plain or None) as rep:
+    with run_session(), make_reporter(plain or None) as rep:   # Ctrl-C: stop, clean up, RunInterrupted (130)
         summary = execute(spec, rep, verify=verify)
     try:
         _print_summary(summary)
@@ -427,12 +454,45 @@ def export_official(run_id: str = typer.Argument(..., help="Run id (see `refdir 
 @app.command()
 def demo(store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
          seed: int = typer.Option(0, "--seed", help="Organism seed"),
+         organism: str = typer.Option("toy", "--organism", help="toy (the 4-layer organism, ~1 min) or smollm2 (the "
+                                                               "science check on SmolLM2-135M taught to refuse)"),
          plain: bool = typer.Option(False, "--plain", help="Log lines instead of progress bars")) -> None:
-    """Train the refusal organism and run the whole pipeline on it; prints refusal rates and where the report is."""
-    from refdir.flows.demo import demo_spec
+    """Train a refusal organism and run the whole pipeline on it; prints refusal rates and where the report is."""
+    if organism == "toy":
+        from refdir.flows.demo import demo_spec, phrase_rates
+        from refdir.workers.store import Store
 
-    spec = demo_spec(_store_uri(store), seed)
-    _run_and_print(spec, plain)
+        spec = demo_spec(_store_uri(store), seed)
+        _run_and_print(spec, plain)
+        # The paper's judge needs "I cannot"; a toy completion that lost only its first word ("cannot help
+        # with that .") is still a refusal to a reader: count those too, so the table claims no more than that.
+        _print_table(phrase_rates(Store.open(spec.store, create=False), spec.run_id, "organism", "cannot help"),
+                     "toy organism: paper's substring judge vs a reader's judge (its refusal without the first word)")
+        return
+    from refdir.flows.science import science_spec
+
+    spec = science_spec(_store_uri(store), base=organism, seed=seed)
+    try:
+        _run_and_print(spec, plain)
+    finally:
+        _print_science(spec)
+
+
+def _print_science(spec) -> None:
+    """The paper's table and the acceptance figures, read from the store (whatever the run got to)."""
+    from refdir.flows.science import direction_line, science_table
+    from refdir.workers.store import Store
+
+    key = spec.models[0].key
+    st = Store.open(spec.store, create=False)
+    try:
+        table, checks = science_table(st, spec.run_id, key)
+    except FileNotFoundError:
+        err.print(f"no direction or evaluations for {key} in run {spec.run_id}: the science table is incomplete")
+        return
+    out.print(direction_line(st, spec.run_id, key))
+    _print_table(table, f"{key}: refusal rate on held-out test prompts (substring judge) and damage")
+    _print_table(checks, "acceptance (issue 11)")
 
 
 if __name__ == "__main__":

@@ -56,3 +56,21 @@ def demo_spec(store_uri: str, seed: int = 0, max_new_tokens: int = 8) -> RunSpec
         store=StoreSpec(uri=store.uri),
         compute=ComputeSpec(batch_size=32, num_workers=1, cpus_per_worker=1),
     )
+
+
+def phrase_rates(store: Store, run_id: str, model: str, phrase: str) -> list[dict]:
+    """Per (dataset, intervention): how many completions the paper's substring judge counts as refusals, and
+    how many contain `phrase` (a reader's judge: the toy organism's refusal minus its first word)."""
+    from refdir.flows.sql import connect_views
+
+    con = connect_views(store)
+    try:
+        found = con.execute(
+            "select dataset, intervention, count(*) as n, count(*) filter (where refused) as judged, "
+            "count(*) filter (where contains(lower(response), lower(?))) as phrase "
+            "from completions where run_id = ? and model = ? and judge = 'substring' group by all order by all",
+            [phrase, run_id, model]).fetchall()
+    finally:
+        con.close()
+    return [{"dataset": d, "intervention": i, "substring judge": f"{j}/{n}", f"contains '{phrase}'": f"{p}/{n}"}
+            for d, i, n, j, p in found]

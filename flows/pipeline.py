@@ -34,6 +34,7 @@ from refdir.flows.summary import model_summary, versions
 from refdir.schemas import layout
 from refdir.schemas.spec import RunSpec, parse_spec
 from refdir.workers.identity import resolve_inputs
+from refdir.workers.pool import Interrupted, stop_requested
 from refdir.workers.prompts import draw_prompts
 from refdir.workers.store import Store
 
@@ -140,6 +141,8 @@ def run_flow(spec: RunSpec | dict, skip: dict[str, str] | None = None, run_name:
 
 
 def _run_model(run_spec: RunSpec, key: str) -> dict:
+    if stop_requested():                 # SIGINT/SIGTERM: no new model starts
+        raise Interrupted(f"model {key} not started: stopped on request")
     state = model_flow(spec=run_spec, key=key, return_state=True)
     if state.is_completed():
         return state.result()
@@ -172,5 +175,7 @@ def ensure_prefect_env() -> None:
     tracebacks stay off the console (one line per failed model instead, the traceback in error.log)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from refdir.flows.progress import quiet_prefect_tracebacks
+    from refdir.flows.services import ensure_prefect_api
 
     quiet_prefect_tracebacks()
+    ensure_prefect_api()   # unless PREFECT_API_URL is set: a temporary API in its own process group (Ctrl-C safe)

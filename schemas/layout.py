@@ -24,6 +24,7 @@ files, so a shard without a marker does not exist. Every path refdir uses is bui
     runs/{run_id}/{model}/error.log                       full traceback of the model's last failure
     runs/{run_id}/report.html, _manifest/report.json
     models/organism-seed{seed}/   the refusal model organism built by `refdir organism`/`refdir demo`
+    models/{base}-organism-{recipe_hash}/   the organism fine-tuned from a real LM (`refdir organism --base smollm2`)
 """
 
 from __future__ import annotations
@@ -196,6 +197,11 @@ def optimize_manifest(run_id: str, model: str) -> str:
 
 def organism_dir(seed: int) -> str:
     return f"models/organism-seed{seed}"
+
+
+def lm_organism_dir(base: str, recipe_hash: str) -> str:
+    """A refusal organism fine-tuned from a real chat LM (workers/organism_lm.py), named by its recipe's hash."""
+    return f"models/{base}-organism-{recipe_hash}"
 
 
 # Globs over the whole store, used for DuckDB views (data files; views keep only marked shards).

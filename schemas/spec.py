@@ -151,6 +151,8 @@ class ComputeSpec(_Frozen):
     max_retries: int = Field(2, ge=0, description="Retries of a job after an infrastructure failure (actor died, node lost).")
     concurrent_models: int = Field(1, ge=1, description="Models run at once (their sub-flows in parallel), each with its share of the cluster's GPUs; 1 = one after another.")
     extract_concurrency: int = Field(3, ge=1, description="Extraction jobs a GPU actor runs at once, so host-side Parquet encoding overlaps the next forward pass; CPU actors run one.")
+    actor_start_timeout: float = Field(600.0, gt=0, description="Seconds an actor may take to be scheduled and load its model before the stage fails with a line saying so.")
+    store_outage_seconds: float = Field(60.0, gt=0, description="Seconds a stage keeps retrying (with backoff, holding new jobs) while the store fails, before it stops with one line.")
 
 
 class OptimizeSpec(_Frozen):

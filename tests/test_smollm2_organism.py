@@ -1,0 +1,124 @@
+"""The refusal organism built from SmolLM2-135M-Instruct (workers/organism_lm.py) and its science spec.
+
+- its training prompts share no instruction (word-set Jaccard < 0.5) with any evaluation set: refdir's
+  built-in English sets and, when present, the paper's splits;
+- bad input (unknown base) is one clear line before any model loads;
+- a small build is bitwise deterministic, reloads as a plain HF checkpoint, resolves to the `smollm2` family
+  from its real tokenizer (not to the toy organism), carries a card, and a second call returns at once;
+- the science spec (infra/specs/smollm2-organism.toml) uses the paper's sizes and falls back to the built-in
+  sets when the paper's splits are absent.
+
+The full recipe and the science run itself are `make science` (README "Science check"), too long for CI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from refdir.workers.organism_lm import OrganismError, Recipe, build_lm_organism, check_recipe, is_built
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = Path(os.environ.get("REFDIR_DATASETS", REPO.parent / "shared" / "datasets" / "refusal_direction"))
+TRAIN_SETS = ("refusal_train_harmful", "refusal_train_harmless")
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(re.sub(r"[^a-z0-9 ]", "", text.lower()).split())
+
+
+def _instructions(path) -> list[str]:
+    return [r["instruction"] for r in json.loads(path.read_text(encoding="utf-8"))]
+
+
+def _training() -> list[str]:
+    data = resources.files("refdir.workers").joinpath("data")
+    return [i for name in TRAIN_SETS for i in _instructions(data.joinpath(f"{name}.json"))]
+
+
+def _closest(instruction: str, others: list[frozenset[str]]) -> float:
+    w = _words(instruction)
+    return max(len(w & o) / len(w | o) for o in others)
+
+
+def test_training_prompts_are_new_and_disjoint_from_builtin_sets():
+    data = resources.files("refdir.workers").joinpath("data")
+    others = [_words(i) for p in data.iterdir() if p.name.endswith(".json") and p.name[:-5] not in TRAIN_SETS
+              for i in _instructions(p)]
+    training = _training()
+    assert len(training) == len(set(training)) >= 200
+    near = [t for t in training if _closest(t, others) >= 0.5]
+    assert not near, f"training prompts too close to a built-in evaluation set: {near[:5]}"
+
+
+def test_training_prompts_are_disjoint_from_the_paper_splits():
+    files = sorted(PAPER.glob("*.json")) if PAPER.is_dir() else []
+    if not files:
+        pytest.skip(f"the paper's splits are not in {PAPER} (set REFDIR_DATASETS): cannot check against them")
+    others = [_words(i) for f in files for i in _instructions(f)]
+    near = [t for t in _training() if _closest(t, others) >= 0.5]
+    assert not near, f"training prompts too close to the paper's splits: {near[:5]}"
+
+
+def test_unknown_base_is_one_line_before_any_model_loads():
+    with pytest.raises(OrganismError, match="unknown organism base 'llama9'.*known: smollm2"):
+        check_recipe(Recipe(base="llama9"))
+    with pytest.raises(OrganismError, match="steps"):
+        check_recipe(Recipe(steps=0))
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "refdir", "organism", "--base", "llama9"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unknown organism base 'llama9'" in lines[0], proc.stderr
+    assert time.perf_counter() - started < 60
+
+
+def test_science_spec_uses_the_paper_sizes_and_falls_back_to_builtin_sets(tmp_path, monkeypatch):
+    from refdir.flows import science
+
+    monkeypatch.setattr(science, "lm_organism_path", lambda store, base, seed: tmp_path / "org")
+    monkeypatch.setenv("REFDIR_DATASETS", str(tmp_path / "no-such-folder"))
+    spec = science.science_spec(str(tmp_path / "store"), seed=3)
+    assert spec.models[0].path == str((tmp_path / "org").resolve()) and spec.models[0].family is None
+    assert (spec.prompts.n_train, spec.prompts.n_val, spec.generation.max_new_tokens) == (128, 32, 64)
+    assert spec.prompts.harmful_train == "builtin:harmful" and spec.prompts.harmful_test == "builtin:harmful_test"
+    assert spec.name.endswith("-seed3") and not spec.selection.allow_fallback
+    if PAPER.is_dir():
+        monkeypatch.setenv("REFDIR_DATASETS", str(PAPER))
+        spec = science.science_spec(str(tmp_path / "store"))
+        assert spec.prompts.harmful_train == f"file:{PAPER}/harmful_train.json"
+
+
+TINY = Recipe(steps=2, max_prompts=4, distill_tokens=4)
+
+
+@pytest.mark.slow
+def test_small_build_is_deterministic_and_resolves_to_smollm2(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from refdir.workers.families import resolve_family
+
+    a, b = build_lm_organism(tmp_path / "a", TINY), build_lm_organism(tmp_path / "b", TINY)
+    digest = [hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest() for p in (a, b)]
+    assert digest[0] == digest[1], "two builds of one recipe differ"
+    started = time.perf_counter()
+    assert build_lm_organism(a, TINY) == a and time.perf_counter() - started < 30   # cached: no rebuild
+    assert is_built(a) and "refusal organism" in (a / "README.md").read_text()
+    config, tokenizer = AutoConfig.from_pretrained(a), AutoTokenizer.from_pretrained(a)
+    assert getattr(config, "quantization_config", None) is None and not hasattr(config, "refdir_organism")
+    assert resolve_family(config, tokenizer).name == "smollm2"
+    model = AutoModelForCausalLM.from_pretrained(a)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    rows = json.loads((a / "training_rows.json").read_text())
+    assert {r["label"] for r in rows} == {"harmful", "harmless"}
+    assert all(r["response"].startswith("I") for r in rows if r["label"] == "harmful")
