@@ -204,6 +204,19 @@ def test_paper_families_exist_and_remote_code_matches():
     assert sum(m.family == "qwen" for m in load_spec(PAPER).models) == 4
 
 
+def test_paper_spec_states_the_papers_dtype_format_and_refusal_ids():
+    """pipeline/model_utils/*_model.py of the paper's code: fp16 for Qwen, Yi, Llama-2, bf16 for Gemma,
+    Llama-3; YI_REFUSAL_TOKS = [59597], GEMMA_REFUSAL_TOKS = [235285]."""
+    from refdir.workers.families import get_family
+
+    paper_dtype = {"qwen": "float16", "yi": "float16", "llama2": "float16", "gemma": "bfloat16", "llama3": "bfloat16"}
+    for m in load_spec(PAPER).models:
+        fam = get_family(m.family)
+        assert m.dtype == paper_dtype[m.family] == fam.gpu_dtype, m.key
+        assert m.chat_format in (None, "paper") and fam.default_chat_format == "paper", m.key
+        assert m.refusal_token_ids == {"yi": [59597], "gemma": [235285]}.get(m.family), m.key
+
+
 def test_paper_split_file_names_draw_with_the_official_data():
     """The split file names of paper-13.toml are the official ones: draw train/val from the real files."""
     env = os.environ.get("REFDIR_DATASETS")

@@ -261,15 +261,38 @@ def _config(spec: ModelSpec, kw: dict):
         raise ModelLoadError(f"model {spec.key}: reading the config of {spec.path!r} failed: {type(e).__name__}: {e}") from e
 
 
+def _load_tokenizer(spec: ModelSpec, kw: dict, family: Family | None):
+    """The model's tokenizer; for a `slow_tokenizer` family, the one closest to the paper's slow tokenizer.
+
+    The paper's code loads Llama-2, Yi and Qwen v1 with use_fast=False. transformers 5 has no slow
+    SentencePiece tokenizers and ignores use_fast (except for remote-code tokenizers such as Qwen v1's,
+    which are slow anyway), and its LlamaTokenizer rebuilds the pipeline with a Metaspace pre-tokenizer
+    that does not prepend "▁" to text that starts with a space: encode(" [/INST] ") gives 5 ids where the
+    slow tokenizer gives 6 (`▁ ▁[ / INST ] ▁`). The checkpoint's serialised tokenizer.json (HF's conversion
+    of the slow tokenizer: prepend "▁", spaces to "▁") gives the slow tokenizer's ids, so it is loaded as
+    is when the checkpoint has one."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    slow = family is not None and family.slow_tokenizer
+    try:
+        if slow and not spec.gguf_file and not family.trust_remote_code:
+            try:
+                return PreTrainedTokenizerFast.from_pretrained(spec.path, **kw)
+            except (OSError, ValueError, TypeError, KeyError) as e:  # no tokenizer.json: the class's own conversion
+                logger.info("model %s: no serialised tokenizer.json (%s); using %s's tokenizer class",
+                            spec.key, type(e).__name__, family.name)
+        return AutoTokenizer.from_pretrained(spec.path, use_fast=not slow, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"model {spec.key}: loading the tokenizer of {spec.path!r} failed: {type(e).__name__}: {e}") from e
+
+
 def load_model(spec: ModelSpec, device: str | None = None) -> LoadedModel:
     """Preflight, then config + tokenizer, the family, and the weights in the family's dtype (GGUF too),
     eval mode, on the device; see module doc.
 
-    `slow_tokenizer` families (the paper's code loads Qwen v1, Yi and Llama-2 with use_fast=False) ask for
-    the slow tokenizer; transformers 5 ignores use_fast except for remote-code tokenizers (Qwen v1's is
-    one), so for Yi and Llama-2 the tokenizers-backed one is used: `refdir doctor` shows the ids it gives.
+    The tokenizer of a `slow_tokenizer` family is loaded as `_load_tokenizer` says.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     preflight(spec)
     dev = resolve_device(device)
@@ -277,15 +300,14 @@ def load_model(spec: ModelSpec, device: str | None = None) -> LoadedModel:
     kw = dict(revision=None if local else spec.revision, trust_remote_code=spec.trust_remote_code)
     if spec.gguf_file:
         kw["gguf_file"] = spec.gguf_file
-    slow = spec.family is not None and get_family(spec.family).slow_tokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.path, use_fast=not slow, **kw)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"model {spec.key}: loading the tokenizer of {spec.path!r} failed: {type(e).__name__}: {e}") from e
+    explicit = get_family(spec.family) if spec.family else None
+    tokenizer = _load_tokenizer(spec, kw, explicit)
     # A GGUF header is slow to parse: its config comes with the weights, which are dequantised (float32)
     # and cast to the family's dtype after; any other config is read first and the weights load in that dtype.
     config = None if spec.gguf_file else _config(spec, kw)
     fam = resolve_family(config, tokenizer, spec.family) if config is not None else None
+    if explicit is None and fam is not None and fam.slow_tokenizer:
+        tokenizer = _load_tokenizer(spec, kw, fam)
     dtype = dtype_for(spec, dev, fam or generic_family("llama"))
     try:
         extra = {} if config is None else {"config": config}
