@@ -4,7 +4,8 @@
   infra/ray/cluster.yaml and one worker group of infra/kuberay/raycluster.yaml;
 - the images and nodes run Python 3.11 and the Ray version refdir is tested with (the installed one);
 - (slow) `ray start --head` plus a second `ray start --address=...` node on this machine, token auth on,
-  and a two-model run (organism + a tiny Qwen2) that joins it through compute.ray_address; `ray stop` after.
+  and a two-model run (organism + a tiny Qwen2) that joins it through compute.ray_address; afterwards the
+  cluster's own processes are stopped by pid (what `ray stop` does, without touching other clusters).
 """
 
 from __future__ import annotations
@@ -114,9 +115,10 @@ def two_node_ray(tmp_path):
                            timeout=120)
     assert token.returncode == 0, token.stderr
     tmp = Path("/tmp") / f"rt{port}"   # Ray's socket paths must stay short
-    start = [str(ray_bin), "start", "--disable-usage-stats", f"--temp-dir={tmp}", "--include-dashboard=false"]
-    try:
-        head = subprocess.run(start + ["--head", f"--port={port}", "--num-cpus=1", "--resources={\"head\": 1}"],
+    start = [str(ray_bin), "start", "--disable-usage-stats"]
+    try:   # the joining node takes the head's temp dir (so stop_ray_processes finds both)
+        head = subprocess.run(start + ["--head", f"--port={port}", f"--temp-dir={tmp}", "--include-dashboard=false",
+                                       "--num-cpus=1", "--resources={\"head\": 1}"],
                               env=env, capture_output=True, text=True, timeout=300)
         assert head.returncode == 0, head.stdout + head.stderr
         node = subprocess.run(start + [f"--address=127.0.0.1:{port}", "--num-cpus=2", "--resources={\"second\": 1}"],
@@ -124,8 +126,34 @@ def two_node_ray(tmp_path):
         assert node.returncode == 0, node.stdout + node.stderr
         yield f"127.0.0.1:{port}", env
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_processes(str(tmp), f"127.0.0.1:{port}")
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def stop_ray_processes(*marks: str) -> None:
+    """What `ray stop` does, for this cluster only: every process whose command line names our temp dir or GCS
+    address (gcs, raylets, agents) and their children, by pid. `ray stop` itself would end every Ray process of
+    the user on the machine, including other clusters (other test sessions) that share it."""
+    import psutil
+
+    procs = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(m in part for part in proc.info["cmdline"] or [] for m in marks):
+                procs += [proc, *proc.children(recursive=True)]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @pytest.mark.slow
