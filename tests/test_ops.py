@@ -43,9 +43,10 @@ def swapped_spec(model_dir, store: str) -> RunSpec:
 
 def test_both_filters_reported_together(organism_dir, tmp_path):
     from refdir.workers.extract import run_extract
+    from refdir.workers.identity import resolve_inputs
     from refdir.workers.model import load_model
 
-    spec = swapped_spec(organism_dir, str(tmp_path / "store"))
+    spec = resolve_inputs(swapped_spec(organism_dir, str(tmp_path / "store")))
     store, draw = Store.open(spec.store), draw_prompts(spec.prompts)
     lm = load_model(spec.models[0], "cpu")
     for job in plan.extract_jobs(spec, spec.models[0], draw):
