@@ -388,6 +388,18 @@ def test_strict_types_from_toml(tmp_path, table, line, field):
     assert field in msg and len(msg.splitlines()) == 2, msg
 
 
+def test_huge_error_message_is_capped_on_the_terminal(tmp_path):
+    """An 8 MB bad value quoted in an error reaches the terminal as a few kB, exit 2 (flows/cli.py caps it)."""
+    import subprocess
+    import sys
+
+    path = _write(tmp_path, f'name = "{"x" * 8_000_000}!"\n[[models]]\npath = "some/model"\n')
+    proc = subprocess.run([sys.executable, "-m", "refdir.flows.cli", "run", str(path)], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "invalid spec" in proc.stderr and "more characters not shown" in proc.stderr
+    assert len(proc.stderr) + len(proc.stdout) < 6000, len(proc.stderr)
+
+
 def test_bad_toml_syntax(tmp_path):
     path = _write(tmp_path, 'name = "t"\n[[models]\npath = "x"\n')
     msg = _spec_error(path)
@@ -446,18 +458,6 @@ def test_dockerfile_copies_every_package_folder():
 def test_ray_cluster_yaml_matches_the_launcher_schema():
     import jsonschema
     import ray.autoscaler
-
-def test_huge_error_message_is_capped_on_the_terminal(tmp_path):
-    """An 8 MB bad value quoted in an error reaches the terminal as a few kB, exit 2 (flows/cli.py caps it)."""
-    import subprocess
-    import sys
-
-    path = _write(tmp_path, f'name = "{"x" * 8_000_000}!"\n[[models]]\npath = "some/model"\n')
-    proc = subprocess.run([sys.executable, "-m", "refdir.flows.cli", "run", str(path)], capture_output=True,
-                          text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 2 and "invalid spec" in proc.stderr and "more characters not shown" in proc.stderr
-    assert len(proc.stderr) + len(proc.stdout) < 6000, len(proc.stderr)
-
 
     doc = _yaml(CLUSTER)
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
