@@ -234,3 +234,33 @@ def test_export_result(full_store, tmp_path, ext):
     if full_store.is_local:
         with pytest.raises(SqlError, match="inside the store"):
             export_result(full_store, q, f"{full_store.uri}/x.{ext}")
+
+
+def test_shell_line_editing_in_a_terminal(tmp_path):
+    """In a real terminal (a pty), an arrow key before `.quit` is line editing, not part of the command."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    (tmp_path / "store").mkdir()
+    main, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "refdir.flows.cli", "sql", "--store", str(tmp_path / "store")],
+                            stdin=child, stdout=child, stderr=child, cwd=Path(__file__).resolve().parents[1],
+                            start_new_session=True)
+    os.close(child)
+    out, deadline = b"", time.time() + 120
+    try:
+        while b"refdir> " not in out and time.time() < deadline:
+            if select.select([main], [], [], 0.5)[0]:
+                out += os.read(main, 4096)
+        assert b"refdir> " in out, out[-2000:]
+        os.write(main, b"\x1b[A\x1b[D\x1b[C.quit\r")         # up, left, right, then .quit
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)
