@@ -186,3 +186,23 @@ def test_verify_redoes_corrupt_and_missing_shards(science_run):
     redone = {m for m, ts in others.items() if store.read_json(m)["written_at"] != ts}
     derived = {m for m in others if "/scores/_done/" in m or ("/completions/_done/" in m and "-baseline-" not in m)}
     assert redone == derived and derived
+
+
+def test_every_rate_carries_its_wilson_interval(science_run):
+    """evals rows of every rate hold the Wilson 95 % interval of k/n (checked against the score-test roots), the
+    run summary carries it for the CLI table, and other metrics have none."""
+    from refdir.flows.report import summary_table_rows
+    from tests.test_judges import _wilson_by_hand
+
+    spec, store, rates = science_run
+    rows = json.loads(run_sql(store, "select metric, value, n, ci_low, ci_high from evals", "json"))
+    rated = [r for r in rows if r["metric"].endswith("_rate")]
+    assert rated and all(r["ci_low"] is None and r["ci_high"] is None for r in rows if r not in rated)
+    for r in rated:
+        k = round(r["value"] * r["n"])
+        assert (r["ci_low"], r["ci_high"]) == pytest.approx(_wilson_by_hand(k, r["n"]), abs=1e-9)
+        assert r["ci_low"] <= r["value"] <= r["ci_high"]
+    lo, hi = rates["harmful_test/ablation"]["refusal_rate_ci"]
+    table = summary_table_rows({"models": {"organism": {"rates": rates}}})
+    cell = next(t["harmful refusal"] for t in table if t["intervention"] == "ablation")
+    assert cell == f"{rates['harmful_test/ablation']['refusal_rate']:.3f} [{lo:.3f}, {hi:.3f}]"
