@@ -29,7 +29,7 @@ from prefect.cache_policies import NONE
 from refdir.flows.health import Heartbeat, health, record_failure
 from refdir.flows.cluster import start_cluster
 from refdir.flows.manifest import write_files
-from refdir.flows.stages import ModelRun, write_run_json
+from refdir.flows.stages import ModelRun, StageError, write_run_json
 from refdir.flows.summary import model_summary, versions
 from refdir.schemas import layout
 from refdir.schemas.spec import RunSpec, parse_spec
@@ -47,22 +47,30 @@ def set_progress(reporter) -> None:
     _PROGRESS["reporter"] = reporter
 
 
-@task(name="extract", retries=1, retry_delay_seconds=2, cache_policy=NONE)
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry a stage once after an infrastructure hiccup; a StageError or SelectionError (every prompt filtered,
+    every candidate dropped) would only say the same thing again, a second time in the log."""
+    from refdir.workers.selection import SelectionError
+
+    return not isinstance(getattr(state, "data", None), (StageError, SelectionError))
+
+
+@task(name="extract", retries=1, retry_delay_seconds=2, cache_policy=NONE, retry_condition_fn=_retry_unless_user_error)
 def extract_task(mr: ModelRun) -> None:
     mr.extract()
 
 
-@task(name="aggregate", retries=1, retry_delay_seconds=2, cache_policy=NONE)
+@task(name="aggregate", retries=1, retry_delay_seconds=2, cache_policy=NONE, retry_condition_fn=_retry_unless_user_error)
 def aggregate_task(mr: ModelRun) -> None:
     mr.aggregate()
 
 
-@task(name="select", retries=1, retry_delay_seconds=2, cache_policy=NONE)
+@task(name="select", retries=1, retry_delay_seconds=2, cache_policy=NONE, retry_condition_fn=_retry_unless_user_error)
 def select_task(mr: ModelRun) -> None:
     mr.select()
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=2, cache_policy=NONE)
+@task(name="evaluate", retries=1, retry_delay_seconds=2, cache_policy=NONE, retry_condition_fn=_retry_unless_user_error)
 def evaluate_task(mr: ModelRun) -> None:
     mr.evaluate()
 

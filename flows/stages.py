@@ -140,6 +140,7 @@ class ModelRun:
     # ---- stages -----------------------------------------------------------------------------
     def extract(self) -> None:
         if self.stage_done("extract"):
+            self.check_filters()   # a resumed run stops here too, not one stage later
             return
         jobs = plan.extract_jobs(self.spec, self.model, self.draw)
         planned, done = self._run("extract", "extract", jobs, plan.extract_marker)
