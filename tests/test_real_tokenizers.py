@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 
-import pytest
 import torch
 
 from refdir.schemas.spec import ModelSpec
