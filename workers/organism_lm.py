@@ -41,6 +41,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -160,7 +161,9 @@ def recipe_hash(recipe: Recipe) -> str:
 # ---- base model --------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=2)
 def _tokenizer_and_format(base: str):
+    """(tokenizer, chat format) of the base, parsed from its GGUF once per process."""
     from transformers import AutoTokenizer
 
     from refdir.workers.chat import ensure_padding, resolve_format
