@@ -174,16 +174,20 @@ class Study:
                     judges=s.evaluation.judges, study=self.digest)
         return TrialJob(**body, input_digest=digest_json({"study": self.digest, "trial": trial, "params": params}))
 
-    def run(self, pool, on_done: Callable[[dict], None] | None = None) -> dict[int, dict]:
+    def run(self, get_pool: Callable[[], object], progress=None) -> dict[int, dict]:
         """Run every missing trial in rounds of `parallel` (asked together, run on the pool's actors, told
         together: Optuna's batch ask/tell); returns trial id -> marker for all planned trials."""
         finished = self.finished()
         study = self.build(finished)
         todo = [i for i in range(self.spec.optimize.trials) if i not in finished]
+        if progress:
+            progress.start(self.key, "optimize", self.spec.optimize.trials, len(finished))
         if not todo:
             return finished
+        on_done = (lambda _m: progress.advance(self.key, "optimize")) if progress else None
         logger.info("%s optimize: %d of %d trials to run (%d re-told)", self.key, len(todo), self.spec.optimize.trials,
                     len(finished))
+        pool = get_pool()
         pool.start()
         parallel = self.spec.optimize.parallel or len(pool.handles)
         while todo:
@@ -293,18 +297,33 @@ def _write_evals(store: Store, spec: RunSpec, key: str, jobs: list[TrialEvalJob]
     return rel
 
 
+def settings_digest(store: Store, spec: RunSpec, key: str) -> str:
+    """What a finished stage vouches for, readable without prompts or models: every optimize setting that
+    changes its outputs and the commit of the selection it searched from (which fixes the val prompts)."""
+    m = store.marker(layout.stage_manifest(spec.run_id, key, "select")) or {}
+    return digest_json({"optimize": spec.optimize.model_dump(exclude={"enabled", "parallel"}),
+                        "select": m.get("commit") or m.get("outputs"), "generation": spec.generation.model_dump(),
+                        "evaluation": {"judges": spec.evaluation.judges,
+                                       "prompts_per_job": spec.evaluation.prompts_per_job}})
+
+
+def is_done(store: Store, spec: RunSpec, key: str) -> bool:
+    """True when the stage is off, or its manifest vouches for the settings planned now (no model, no Ray)."""
+    if not spec.optimize.enabled:
+        return True
+    m = store.marker(layout.optimize_manifest(spec.run_id, key))
+    return bool(m) and m.get("status") == "done" and m.get("settings") == settings_digest(store, spec, key)
+
+
 def _done(store: Store, spec: RunSpec, key: str, digest: str) -> dict | None:
     m = store.marker(layout.optimize_manifest(spec.run_id, key))
-    want = {"study": digest, "trials": spec.optimize.trials, "max_refusal_rate": spec.optimize.max_refusal_rate,
-            "generation": spec.generation.model_dump(), "judges": spec.evaluation.judges}
-    if m and m.get("status") == "done" and all(m.get(k) == v for k, v in want.items()) \
-            and not store.bad_files(m.get("files") or {}):
+    if is_done(store, spec, key) and m.get("study") == digest and not store.bad_files(m.get("files") or {}):
         return m
     return None
 
 
 def optimize_model(spec: RunSpec, key: str, store: Store, pool: Callable[[], object], draw,
-                   on_trial: Callable[[dict], None] | None = None) -> dict:
+                   progress=None) -> dict:
     """The optimize stage of one model (no-op unless spec.optimize.enabled); returns its manifest.
 
     `pool()` gives the model's WorkerPool (workers/pool.py); it is called only when there is work, so a finished
@@ -318,7 +337,7 @@ def optimize_model(spec: RunSpec, key: str, store: Store, pool: Callable[[], obj
     study = Study(spec, key, store, val, selected, n_layers)
     if (m := _done(store, spec, key, study.digest)) is not None:
         return m
-    finished = study.run(pool(), on_trial)
+    finished = study.run(pool, progress)
     rows = summary_rows(store, finished, spec.optimize.objectives, spec.optimize.max_refusal_rate)
     chosen = next(r for r in rows if r["chosen"])
     with store.recording() as files:
@@ -332,8 +351,7 @@ def optimize_model(spec: RunSpec, key: str, store: Store, pool: Callable[[], obj
         _write_evals(store, spec, key, jobs)
     paper = next(r for r in rows if r["trial"] == 0)
     m = {"model": key, "stage": "optimize", "status": "done", "planned": spec.optimize.trials, "done": len(rows),
-         "study": study.digest, "trials": spec.optimize.trials, "max_refusal_rate": spec.optimize.max_refusal_rate,
-         "generation": spec.generation.model_dump(), "judges": spec.evaluation.judges, "chosen": chosen["trial"],
+         "study": study.digest, "settings": settings_digest(store, spec, key), "chosen": chosen["trial"],
          "chosen_values": {"refusals": chosen["refusals"], "n": chosen["n"], "kl": chosen["kl"]},
          "paper_values": {"refusals": paper["refusals"], "n": paper["n"], "kl": paper["kl"]}, "files": files}
     store.write_marker(layout.optimize_manifest(run_id, key), **m)
