@@ -225,6 +225,40 @@ class RunSpec(_Frozen):
             raise ValueError(f"duplicate model keys {dup}: give each model a distinct `key`")
         return self
 
+    # run identity: settings + content digests of the inputs, stored once in run.json (see module doc)
+    _inputs: dict | None = PrivateAttr(None)
+    _stored_id: str | None = PrivateAttr(None)
+
+    def settings(self) -> dict:
+        """The settings that change results (hashed into the run id with the inputs' content digests)."""
+        return settings_identity(self)
+
+    @property
+    def inputs(self) -> dict:
+        """Content digests of the run's inputs: {"prompts": ..., "models": {key: ...}} (see with_inputs)."""
+        if self._inputs is None:
+            raise SpecError(f"run {self.name!r}: its inputs (prompt texts, model weights) are not resolved yet; "
+                            "resolve them first (refdir.workers.identity.resolve_inputs)")
+        return self._inputs
+
+    def with_inputs(self, inputs: dict, run_id: str | None = None) -> "RunSpec":
+        """A copy that knows its inputs' digests and so its run id; `run_id` pins a stored id (resume)."""
+        out = self.model_copy()
+        out._inputs, out._stored_id = inputs, run_id
+        return out
+
+    @property
+    def is_resolved(self) -> bool:
+        return self._inputs is not None
+
+    def model_copy(self, *, update: dict | None = None, deep: bool = False) -> "RunSpec":
+        """A copy; an `update` beyond store/compute makes the copy forget its resolved inputs and stored id
+        (they may no longer hold)."""
+        out = super().model_copy(update=update, deep=deep)
+        if update and set(update) - {"store", "compute"}:
+            out._inputs, out._stored_id = None, None
+        return out
+
     def identity(self) -> dict:
         """What the run id hashes: the identity version, the settings and the inputs' content digests."""
         return {"version": IDENTITY_VERSION, "settings": self.settings(), "inputs": self.inputs}
@@ -321,37 +355,3 @@ def load_spec(path: str | Path) -> RunSpec:
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{p}: not valid TOML: {e}") from None
     return parse_spec(data, str(p))
-    # run identity: settings + content digests of the inputs, stored once in run.json (see module doc)
-    _inputs: dict | None = PrivateAttr(None)
-    _stored_id: str | None = PrivateAttr(None)
-
-    def settings(self) -> dict:
-        """The settings that change results (hashed into the run id with the inputs' content digests)."""
-        return settings_identity(self)
-
-    @property
-    def inputs(self) -> dict:
-        """Content digests of the run's inputs: {"prompts": ..., "models": {key: ...}} (see with_inputs)."""
-        if self._inputs is None:
-            raise SpecError(f"run {self.name!r}: its inputs (prompt texts, model weights) are not resolved yet; "
-                            "resolve them first (refdir.workers.identity.resolve_inputs)")
-        return self._inputs
-
-    def with_inputs(self, inputs: dict, run_id: str | None = None) -> "RunSpec":
-        """A copy that knows its inputs' digests and so its run id; `run_id` pins a stored id (resume)."""
-        out = self.model_copy()
-        out._inputs, out._stored_id = inputs, run_id
-        return out
-
-    @property
-    def is_resolved(self) -> bool:
-        return self._inputs is not None
-
-    def model_copy(self, *, update: dict | None = None, deep: bool = False) -> "RunSpec":
-        """A copy; an `update` beyond store/compute makes the copy forget its resolved inputs and stored id
-        (they may no longer hold)."""
-        out = super().model_copy(update=update, deep=deep)
-        if update and set(update) - {"store", "compute"}:
-            out._inputs, out._stored_id = None, None
-        return out
-
