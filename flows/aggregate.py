@@ -8,6 +8,7 @@ reference straight from the activation shards, kept prompts only (ids from the j
 filtered batch by batch), through the same streaming accumulator; tests and the benchmark cross-check the two.
 
     stats = aggregate_means(store, run_id, "org-1", split="train")   # writes means.parquet, candidates.parquet
+    run_stage(mr)                       # the pipeline's aggregate stage (flows/stages.ModelRun)
     ref = means_from_activations(store, run_id, "org-1")              # {(label, pos, layer): (mean, n)}
 """
 
@@ -259,3 +260,29 @@ def aggregate_means(store: Store, run_id: str, model: str, split: str = "train",
     logger.info("aggregated %s: %d harmful, %d harmless prompts, %d candidates (%d skipped)", where,
                 stats["n_harmful"], stats["n_harmless"], cand.num_rows, skipped)
     return stats
+
+
+# ---------------------------------------------------------------- the stage
+
+def run_stage(mr) -> None:
+    """The aggregate stage of one model (mr: flows/stages.ModelRun): extraction is done for this run's inputs
+    and the sums and prompts shards it reads match their markers; then means + candidates, recorded in the
+    stage manifest."""
+    from refdir.flows.extract import check_filters, extract_markers
+    from refdir.flows.stages import StageError
+
+    if mr.stage_done("aggregate"):
+        return
+    mr.require("extract")
+    markers = extract_markers(mr, "train")
+    bad = mr.store.bad_files({rel: sha for m in markers.values() for rel, sha in mr.store.recorded_files(m).items()
+                                if rel != m["data"]})   # sums and prompts shards (small); --verify reads the rest
+    if bad:
+        raise StageError(f"model {mr.key!r}: {len(bad)} extraction output(s) do not match their markers "
+                         f"(e.g. {mr.store.url(bad[0])}); rerun with --verify to recompute them")
+    check_filters(mr)
+    with mr.store.recording() as files:
+        counts = aggregate_means(mr.store, mr.run_id, mr.key, "train", mr.spec.selection.prune_norm,
+                                 markers=markers)
+    mr.mark("aggregate", 1, 1, files, **counts)
+

@@ -83,7 +83,7 @@ def direction_evaluations(store, run_id: str, key: str, n_pos: int, n_layer: int
 def _completion_groups(store, run_id: str, key: str) -> dict[tuple[str, str], list[dict]]:
     """(dataset, intervention) -> completion rows of every judge, in prompt order."""
     groups: dict[tuple[str, str], list[dict]] = {}
-    for rel in sorted(store.glob(f"{layout.model_dir(run_id, key)}/completions/*/*/part-*.parquet")):
+    for rel in sorted(store.glob(layout.completion_shards_glob(run_id, key))):
         t: pa.Table = store.read_table(rel)
         for r in t.to_pylist():
             groups.setdefault((r["dataset"], r["intervention"]), []).append(r)
@@ -115,7 +115,7 @@ def _rates(judged: list[dict], flag: str, name: str) -> dict:
 def loss_evals(store, run_id: str, key: str) -> dict[str, dict]:
     """intervention -> the paper's loss_eval document, from the evals rows of dataset 'damage'."""
     out: dict[str, dict] = {}
-    for rel in store.glob(f"{layout.model_dir(run_id, key)}/evals/*.parquet"):
+    for rel in store.glob(layout.evals_glob(run_id, key)):
         for r in store.read_table(rel).to_pylist():
             label = LOSS_LABELS.get(r["metric"]) if r["dataset"] == "damage" else None
             if label:

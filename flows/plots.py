@@ -1,4 +1,4 @@
-"""Figures of the HTML run report: matplotlib (headless Agg), each returned as a base64 PNG data URI.
+"""Figures of the HTML run report: matplotlib Figure objects (rendered by Agg, no pyplot), each returned as a base64 PNG data URI.
 
     uri = score_heatmap(grid, positions, layers, "bypass", selected=(-1, 2))   # "data:image/png;base64,..."
     uri = bypass_lines(grid, positions, layers, selected=(-1, 2), max_layer=3)
@@ -17,15 +17,18 @@ import io
 import logging
 
 import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-import numpy as np  # noqa: E402
-from matplotlib.colors import Normalize, TwoSlopeNorm  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+import numpy as np
+from matplotlib.colors import Normalize, TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 logger = logging.getLogger(__name__)
+
+
+def _subplots(*args, figsize=None, **kw):
+    """(figure, axes) on a bare Agg-rendered Figure: no pyplot state, no backend chosen at import."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kw)
 
 DPI = 110
 HARMFUL, HARMLESS = "#c0392b", "#2471a3"
@@ -41,10 +44,7 @@ _ANNOTATE_MAX_CELLS = 160   # write the value into each cell up to this many cel
 def to_data_uri(fig) -> str:
     """Encode a figure as a PNG data URI and close it."""
     buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
-    finally:
-        plt.close(fig)
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")   # a bare Figure: nothing to close
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -91,10 +91,10 @@ def score_heatmap(grid: np.ndarray, positions: list[int], layers: list[int], met
                   selected: tuple[int, int] | None = None) -> str:
     """Heatmap of one selection metric over (position, layer); grid: (n_positions, n_layers), NaN = unscored."""
     title, cmap_name = METRICS[metric]
-    cmap = plt.get_cmap(cmap_name).with_extremes(bad=(0, 0, 0, 0))   # unscored: transparent, the hatching shows
+    cmap = matplotlib.colormaps.get_cmap(cmap_name).with_extremes(bad=(0, 0, 0, 0))   # unscored: transparent, the hatching shows
     norm = _norm(grid, metric)
     width = min(14.0, 2.2 + 0.42 * len(layers))
-    fig, ax = plt.subplots(figsize=(max(width, 5.5), 1.3 + 0.42 * len(positions)))
+    fig, ax = _subplots(figsize=(max(width, 5.5), 1.3 + 0.42 * len(positions)))
     ax.set_facecolor("white")
     ax.add_patch(Rectangle((-0.5, -0.5), len(layers), len(positions), fill=False, hatch="///",
                            edgecolor="#d0d0d0", linewidth=0, zorder=0))
@@ -114,8 +114,8 @@ def score_heatmap(grid: np.ndarray, positions: list[int], layers: list[int], met
 def bypass_lines(grid: np.ndarray, positions: list[int], layers: list[int], selected: tuple[int, int] | None = None,
                  max_layer: int | None = None) -> str:
     """Bypass score vs layer, one line per position; grid: (n_positions, n_layers), NaN = gap."""
-    fig, ax = plt.subplots(figsize=(min(12.0, 4.5 + 0.18 * len(layers)), 3.4))
-    colors = plt.get_cmap("tab10")
+    fig, ax = _subplots(figsize=(min(12.0, 4.5 + 0.18 * len(layers)), 3.4))
+    colors = matplotlib.colormaps.get_cmap("tab10")
     for i, pos in enumerate(positions):
         ax.plot(layers, grid[i], marker="o", markersize=3.5, linewidth=1.4, color=colors(i % 10), label=f"pos {pos}")
     if selected is not None and selected[0] in positions and selected[1] in layers:
@@ -141,7 +141,7 @@ def _bar_panel(ax, rates: dict[str, dict[str, float]], interventions: list[str],
     {model: {intervention: (ci_low, ci_high)}} drawn as error bars (Wilson 95 % intervals)."""
     models = list(rates)
     width = 0.8 / max(len(models), 1)
-    colors = plt.get_cmap("tab10")
+    colors = matplotlib.colormaps.get_cmap("tab10")
     x = np.arange(len(interventions))
     for k, model in enumerate(models):
         vals = np.array([rates[model].get(iv, np.nan) for iv in interventions], dtype=float)
@@ -174,7 +174,7 @@ def refusal_bars(rates: dict[str, dict[str, float]], datasets: dict[str, list[st
                     datasets[ds].append(iv)
     names = [ds for ds in datasets if datasets[ds]] or ["(no evaluations)"]
     widths = [max(len(datasets.get(ds, [])), 1) for ds in names]
-    fig, axes = plt.subplots(1, len(names), figsize=(max(6.0, 1.3 * sum(widths) + 2.5), 3.4), sharey=True,
+    fig, axes = _subplots(1, len(names), figsize=(max(6.0, 1.3 * sum(widths) + 2.5), 3.4), sharey=True,
                              gridspec_kw={"width_ratios": widths}, squeeze=False)
     for ax, ds in zip(axes[0], names):
         ivs = datasets.get(ds, [])
@@ -192,7 +192,7 @@ def refusal_bars(rates: dict[str, dict[str, float]], datasets: dict[str, list[st
 def projection_plot(layers: list[int], stats: dict[str, tuple[np.ndarray, np.ndarray]],
                     selected_layer: int | None = None, position: int | None = None) -> str:
     """Mean ± std of activations projected on the unit direction, per label; stats: {label: (mean, std)} (n_layers,)."""
-    fig, ax = plt.subplots(figsize=(min(12.0, 4.5 + 0.18 * len(layers)), 3.4))
+    fig, ax = _subplots(figsize=(min(12.0, 4.5 + 0.18 * len(layers)), 3.4))
     for label, (mean, std) in stats.items():
         color = HARMFUL if label == "harmful" else HARMLESS if label == "harmless" else None
         ax.plot(layers, mean, marker="o", markersize=3.5, color=color, label=f"{label} (mean ± std)")

@@ -46,7 +46,7 @@ def run_doc(store, run_id: str) -> dict:
         return store.read_json(rel)
     if store.glob(layout.model_manifest_glob(run_id)):
         return {}
-    runs = sorted({p.split("/")[1] for p in store.glob("runs/*/run.json")})
+    runs = sorted({p.split("/")[1] for p in store.glob(layout.run_json("*"))})
     raise ReportError(f"no run {run_id!r} in {store.uri} (no {rel}); runs there: {runs or 'none'}")
 
 
@@ -109,7 +109,7 @@ class ModelData:
         drel = layout.direction_json(run_id, key)
         if store.exists(drel):
             out.direction = {k: v for k, v in store.read_json(drel).items() if k not in ("vector", "candidates")}
-        for erel in store.glob(f"{layout.model_dir(run_id, key)}/evals/*.parquet"):
+        for erel in store.glob(layout.evals_glob(run_id, key)):
             out.evals += store.read_table(erel).to_pylist()
         return out
 
@@ -195,7 +195,7 @@ class ModelData:
 def examples(store, run_id: str, key: str, k: int) -> dict[tuple[str, str], list[dict]]:
     """The first k completions per (dataset, intervention), one judge's rows, read through done-markers."""
     groups: dict[tuple[str, str], list[dict]] = {}
-    for rel in store.glob(f"{layout.model_dir(run_id, key)}/completions/_done/*.json"):
+    for rel in store.glob(f"{layout.completion_markers_dir(run_id, key)}/*.json"):
         ds, iv = rel.rsplit("/", 1)[1][: -len(".json")].rsplit("-", 1)[0].split("-", 1)
         rows = groups.setdefault((ds, iv), [])
         marker = store.marker(rel)

@@ -57,7 +57,10 @@ def rates(store, run_id: str, key: str) -> dict[str, dict[str, float]]:
     """{dataset/intervention: {metric[:judge]: value}} from the evals files the evaluate manifest vouches for."""
     m = manifests.read(store, run_id, key, "evaluate") or {}
     out: dict[str, dict[str, float]] = {}
+    evals = layout.evals_dir(run_id, key) + "/"
     for rel, sha in sorted((m.get("files") or {}).items()):
+        if not rel.startswith(evals):
+            continue
         for r in store.read_table(rel, sha256=sha).to_pylist():
             name = r["metric"] if r["judge"] in ("", "substring") else f"{r['metric']}:{r['judge']}"
             out.setdefault(f"{r['dataset']}/{r['intervention']}", {})[name] = r["value"]

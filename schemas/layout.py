@@ -162,6 +162,14 @@ def evals_dir(run_id: str, model: str) -> str:
     return f"{model_dir(run_id, model)}/evals"
 
 
+def evals_glob(run_id: str, model: str) -> str:
+    return f"{evals_dir(run_id, model)}/*.parquet"
+
+
+def completion_shards_glob(run_id: str, model: str) -> str:
+    return f"{model_dir(run_id, model)}/completions/*/*/part-*.parquet"
+
+
 def job_markers_dir(run_id: str, model: str, stage: str) -> str | None:
     """The folder of a stage's job markers; None for aggregate, which has no jobs."""
     folders = {"extract": activation_markers_dir, "select": score_markers_dir, "evaluate": completion_markers_dir}

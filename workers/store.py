@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 _FLOAT_BSS = (pa.float32(), pa.float64())  # DuckDB 2.0.1 cannot read byte-stream-split float16
 
 
+_WARNED: set[str] = set()   # unreadable markers already named in this process (one line each, not one per read)
+
+
 class StoreError(RuntimeError):
     """The store cannot be used: unreachable, refused credentials, missing bucket, not a folder, not writable."""
 
@@ -97,7 +100,6 @@ class Store:
         self._endpoint = endpoint
         self.is_local = isinstance(fs, LocalFileSystem)
         self._journal: dict[str, str] | None = None
-        self._warned: set[str] = set()    # unreadable markers already named (one line each)
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r})"
@@ -348,7 +350,12 @@ class Store:
 
     def write_marker(self, marker_rel: str, **fields: Any) -> str:
         """A done-marker or manifest, written last: the objects it names (with their sha256) are committed."""
-        return self.write_json(marker_rel, {**fields, "written_at": datetime.now(timezone.utc).isoformat()})
+        _WARNED.discard(self.url(marker_rel))
+        journal, self._journal = self._journal, None    # a marker is never one of the files a manifest lists
+        try:
+            return self.write_json(marker_rel, {**fields, "written_at": datetime.now(timezone.utc).isoformat()})
+        finally:
+            self._journal = journal
 
     def receipt_if_done(self, marker_rel: str, job_id: str, input_digest: str | None = None) -> Receipt | None:
         """The receipt of a job whose done-marker exists and vouches for `input_digest` (it is skipped), else None."""
@@ -364,8 +371,8 @@ class Store:
         except FileNotFoundError:
             return None
         except ValueError as e:
-            if marker_rel not in self._warned:
-                self._warned.add(marker_rel)
+            if self.url(marker_rel) not in _WARNED:
+                _WARNED.add(self.url(marker_rel))
                 logger.warning("unreadable marker or manifest %s (truncated? %s); treating it as absent",
                                self.url(marker_rel), str(e).splitlines()[0][:80])
             return None
