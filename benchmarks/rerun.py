@@ -9,9 +9,8 @@ linger in the process that times the other stages):
    completion with `flows.runner.execute` (the first run: Prefect server start + Ray start + every stage);
 2. reruns the finished spec `reps` times in this process (goal <= 5 s: manifests only) and checks that
    no file of the store changed, then once in a fresh process (imports included, what `refdir run` costs);
-3. deletes k of the n extraction markers with their shards (activations, sums, prompts), marks the
-   extract stage partial in the manifest (what a driver killed during extraction leaves behind) and
-   reruns: seconds, and the markers that were rewritten (must be exactly the k deleted ones).
+3. deletes k of the n extraction markers with their shards (activations, sums, prompts) and the extract
+   stage's manifest (what a driver killed during extraction leaves behind) and reruns: seconds, and the markers that were rewritten (must be exactly the k deleted ones).
 """
 
 from __future__ import annotations
@@ -60,7 +59,7 @@ def file_stamps(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def lose_jobs(store, spec, k: int) -> list[str]:
-    """Delete k extraction jobs' markers and shards (spread over the plan); mark extract partial."""
+    """Delete k extraction jobs' markers and shards (spread over the plan) and the extract stage's manifest."""
     from refdir.flows import plan
     from refdir.schemas import layout
     from refdir.workers.prompts import draw_prompts
@@ -76,10 +75,7 @@ def lose_jobs(store, spec, k: int) -> list[str]:
                     layout.sums_shard(r, key, j.split, j.label, j.index),
                     layout.prompts_shard(r, key, j.split, j.label, j.index)):
             store.delete(rel)
-    rel = layout.manifest(spec.run_id, model.key)
-    m = store.read_json(rel)
-    m["stages"]["extract"].update(status="partial", done=len(jobs) - k)
-    store.write_json(rel, m)
+    store.delete(layout.stage_manifest(spec.run_id, model.key, "extract"))   # the stage is no longer done
     return [plan.extract_marker(j) for j in lost]
 
 
@@ -100,7 +96,9 @@ def bench_rerun(workdir: Path, k: int, reps: int) -> dict:
     t0 = time.perf_counter()
     organism = build_organism(workdir / "organism", seed=0)
     build_s = time.perf_counter() - t0
-    spec = make_spec("bench-rerun", organism, str(workdir / "store"))
+    from refdir.workers.identity import resolve_inputs
+
+    spec = resolve_inputs(make_spec("bench-rerun", organism, str(workdir / "store")))   # its run id, from content
     store = Store.open(spec.store)
     t0 = time.perf_counter()
     first = execute(spec)

@@ -52,6 +52,7 @@ def main() -> None:
     from refdir.flows.summary import model_summary, versions
     from refdir.schemas.spec import (ComputeSpec, EvaluationSpec, ExtractionSpec, GenerationSpec, ModelSpec, PromptSpec,
                                      RunSpec, SelectionSpec, StoreSpec)
+    from refdir.workers.identity import resolve_inputs
     from refdir.workers.prompts import draw_prompts
     from refdir.workers.store import Store
 
@@ -75,6 +76,7 @@ def main() -> None:
         evaluation=EvaluationSpec(prompts_per_job=32),
         store=StoreSpec(uri=str(work / "store")),
         compute=ComputeSpec(gpus_per_worker=1.0, batch_size=64))
+    spec = resolve_inputs(spec)   # the run id comes from the prompts' and models' content
     store = Store.open(spec.store)
     write_run_json(store, spec, versions())
     draw = draw_prompts(spec.prompts)
