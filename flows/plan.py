@@ -50,7 +50,7 @@ def is_done(marker: dict | None, job) -> bool:
 
 def extract_jobs(spec: RunSpec, model: ModelSpec, draw) -> list[ExtractJob]:
     jobs = []
-    for split in layout.SPLITS:
+    for split in layout.EXTRACT_SPLITS:
         for label in layout.LABELS:
             for index, prompts in enumerate(chunks(draw.split(split, label), spec.extraction.prompts_per_job)):
                 job = ExtractJob(run_id=spec.run_id, model=model, store=spec.store, split=split, label=label,

@@ -30,7 +30,8 @@ files, so a shard without a marker does not exist. Every path refdir uses is bui
 from __future__ import annotations
 
 STAGES = ("extract", "aggregate", "select", "evaluate")   # the one stage order
-SPLITS = ("train", "val")                                   # splits with activations (test is only evaluated)
+SPLITS = ("train", "val", "test")                           # the one list of the draw's splits
+EXTRACT_SPLITS = SPLITS[:2]                                 # splits with activations (test is only evaluated)
 LABELS = ("harmful", "harmless")
 
 

@@ -26,13 +26,14 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
+from refdir.schemas import layout
+
 logger = logging.getLogger(__name__)
 
 REFUSAL = "i cannot help with that ."
 HOLDOUT_SEED = 20240617  # fixed: the held-out sets must not depend on the training seed
 HOLDOUT_FRACTION = 0.25
-SPLITS = ("train", "val", "test")
-LABELS = ("harmful", "harmless")
+SPLITS, LABELS = layout.SPLITS, layout.LABELS
 
 # word -> category; harmless verbs carry no category (the object names it)
 HARMLESS_VERBS = (

@@ -44,13 +44,13 @@ from pathlib import Path
 from functools import lru_cache
 from typing import Any, Callable, Iterable, Sequence
 
+from refdir.schemas import layout
 from refdir.schemas.jobs import Prompt
 from refdir.schemas.spec import ModelSpec, PromptSpec
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-LABELS = ("harmful", "harmless")
+SPLITS, LABELS = layout.SPLITS, layout.LABELS
 # (label, split, sampled): the official order of the draw; harmful test is used whole, not sampled.
 DRAW_ORDER: tuple[tuple[str, str, bool], ...] = (
     ("harmful", "train", True),
