@@ -152,7 +152,9 @@ def test_bad_model_path_reported_while_other_lands(prefect_api, ray_cluster, org
     assert "nope" in summary["models"]["missing"]["error"]
     store = Store.open(str(tmp_path / "store"))
     assert store.exists(layout.direction_json(spec.run_id, "organism"))
-    assert not store.glob(f"{layout.model_dir(spec.run_id, 'missing')}/*")
+    r = spec.run_id   # the failed model gets its failure record (heartbeat, error.log) and no data
+    assert set(store.glob(f"{layout.model_dir(r, 'missing')}/*")) <= {layout.heartbeat(r, "missing"),
+                                                                      layout.error_log(r, "missing")}
 
 
 def _worker_pids() -> list[int]:
