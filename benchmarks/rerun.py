@@ -65,7 +65,7 @@ def lose_jobs(store, spec, k: int) -> list[str]:
     from refdir.workers.prompts import draw_prompts
 
     model = spec.models[0]
-    jobs = plan.extract_jobs(spec, model, draw_prompts(spec.prompts))
+    jobs = plan.extract_jobs(spec, model, draw_prompts(spec.prompts, spec.models))
     if not 0 < k < len(jobs):
         raise ValueError(f"k must be between 1 and {len(jobs) - 1} (the run has {len(jobs)} extraction jobs), got {k}")
     lost = [jobs[i * len(jobs) // k] for i in range(k)]

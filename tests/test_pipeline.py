@@ -53,7 +53,7 @@ def make_spec(name: str, models: list[ModelSpec], store: str, *, prompts_per_job
 
 def expected_artifacts(spec: RunSpec, store: Store) -> set[str]:
     """Every object a finished run must hold, derived from the plan (not from the store)."""
-    draw = draw_prompts(spec.prompts)
+    draw = draw_prompts(spec.prompts, spec.models)
     out = {layout.run_json(spec.run_id), layout.report_html(spec.run_id), layout.report_manifest(spec.run_id)}
     for m in spec.models:
         r, k = spec.run_id, m.key
@@ -187,7 +187,7 @@ def test_sigkill_worker_mid_extraction(prefect_api, ray_cluster, organism_dir, t
     t.join(timeout=5)
     assert killed, "the worker was never killed (extraction finished too fast?)"
     assert summary["models"]["organism"]["status"] == "done"
-    jobs = plan.extract_jobs(spec, spec.models[0], draw_prompts(spec.prompts))
+    jobs = plan.extract_jobs(spec, spec.models[0], draw_prompts(spec.prompts, spec.models))
     assert len(store.glob(f"{markers}/*.json")) == len(jobs)
     rows, distinct = activation_rows(store, spec, "organism")
     n_prompts = sum(len(j.prompts) for j in jobs)
@@ -224,7 +224,7 @@ def test_sigkill_driver_then_rerun_recomputes_only_missing(prefect_api, organism
         settled, last = (settled + 0.25 if n == last else 0.0), n
         time.sleep(0.25)
     before = {p: store.read_json(p)["written_at"] for p in store.glob(f"{markers}/*.json")}
-    jobs = plan.extract_jobs(spec, spec.models[0], draw_prompts(spec.prompts))
+    jobs = plan.extract_jobs(spec, spec.models[0], draw_prompts(spec.prompts, spec.models))
     assert 4 <= len(before) < len(jobs), "the driver should die mid-extraction"
     from refdir.flows.runner import status_rows
 

@@ -143,5 +143,5 @@ def resolve_inputs(spec: RunSpec, draw=None) -> RunSpec:
     if draw is None:
         from refdir.workers.prompts import draw_prompts
 
-        draw = draw_prompts(spec.prompts)
+        draw = draw_prompts(spec.prompts, spec.models)
     return spec.with_inputs(run_inputs(spec, draw))

@@ -79,7 +79,7 @@ def main() -> None:
     spec = resolve_inputs(spec)   # the run id comes from the prompts' and models' content
     store = Store.open(spec.store)
     write_run_json(store, spec, versions())
-    draw = draw_prompts(spec.prompts)
+    draw = draw_prompts(spec.prompts, spec.models)
     ensure_ray(spec.compute)
     import ray
 
