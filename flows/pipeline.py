@@ -9,7 +9,7 @@ The run flow reads like the README's steps:
   3. per model (a sub-flow; a failing model is reported and the others go on):
      extract -> aggregate -> select -> evaluate, each a task with retries, each skipped when its
      manifest says done for the inputs planned now, otherwise running only the jobs whose marker does not
-     vouch for their inputs,
+     vouch for their inputs; then the opt-in optimize search (flows/optimize.py),
   4. write the report and return a summary.
 Flows pass specs and store URIs only; Ray actors do the model work (flows/stages.py).
 """
@@ -75,6 +75,25 @@ def evaluate_task(mr: ModelRun) -> None:
     mr.evaluate()
 
 
+@task(name="optimize", retries=1, retry_delay_seconds=2, cache_policy=NONE, retry_condition_fn=_retry_unless_user_error)
+def optimize_task(mr: ModelRun) -> None:
+    from refdir.flows.optimize import optimize_model
+
+    optimize_model(mr.spec, mr.key, mr.store, mr.pool, mr.draw, mr.progress)
+
+
+def _optimize_stage(mr: ModelRun, hb: Heartbeat) -> None:
+    """The opt-in optimize search after evaluate (its own manifest: not one of layout.STAGES)."""
+    from refdir.flows.optimize import is_done
+
+    if mr.spec.optimize.enabled and not is_done(mr.store, mr.spec, mr.key):
+        hb.stage("optimize")
+        logger.info("%s optimize: started", mr.key)
+        t0 = time.perf_counter()
+        optimize_task(mr)
+        logger.info("%s optimize: finished in %.1f s", mr.key, time.perf_counter() - t0)
+
+
 @flow(name="refdir-model", flow_run_name="{key}")
 def model_flow(spec: RunSpec, key: str) -> dict:
     """One model's stages, in order; actors are released when the model is done or fails."""
@@ -87,6 +106,7 @@ def model_flow(spec: RunSpec, key: str) -> dict:
             for stage, stage_task in (("extract", extract_task), ("aggregate", aggregate_task),
                                       ("select", select_task), ("evaluate", evaluate_task)):
                 _logged_stage(mr, hb, stage, stage_task)
+            _optimize_stage(mr, hb)
             mr.ensure_model_row()
     except BaseException as e:
         record_failure(store, run_spec.run_id, key, hb.current, e)

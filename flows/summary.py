@@ -50,7 +50,9 @@ def chain_status(store, spec: RunSpec, key: str) -> str:
 
 
 def run_complete(store, spec: RunSpec) -> bool:
-    return all(chain_status(store, spec, m.key) == "done" for m in spec.models)
+    from refdir.flows.optimize import is_done as optimize_done   # the opt-in optimize stage, when enabled
+
+    return all(chain_status(store, spec, m.key) == "done" and optimize_done(store, spec, m.key) for m in spec.models)
 
 
 def rates(store, run_id: str, key: str) -> dict[str, dict[str, float]]:

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 
+from refdir.schemas import layout
 from refdir.schemas.spec import SpecError, parse_spec
 from refdir.workers.optimize import Kernel, LayerWeights, TrialParams, trial_direction, weighted_orthogonalize_, \
     weighted_orthogonalized
@@ -174,19 +175,22 @@ def _optimize(spec, store):
 
 @pytest.fixture(scope="module")
 def selected_run(prefect_api, ray_cluster, organism_dir, tmp_path_factory):
-    """The organism run through the pipeline up to its evaluation (optimize off), then a 32-trial study."""
+    """The organism run through the whole pipeline with a 32-trial study (the optimize stage after evaluate)."""
     from refdir.flows.runner import execute
     from refdir.workers.identity import resolve_inputs
     from refdir.workers.store import Store
 
     store_dir = tmp_path_factory.mktemp("opt") / "store"
     spec = resolve_inputs(_spec(organism_dir, store_dir, 32))
-    off = spec.model_copy(update={"optimize": spec.optimize.model_copy(update={"enabled": False})})
-    assert execute(off)["models"]["organism"]["status"] == "done"
-    store = Store.open(spec.store)
     t0 = time.perf_counter()
-    manifest = _optimize(spec, store)
-    return spec, store, manifest, time.perf_counter() - t0
+    assert execute(spec)["models"]["organism"]["status"] == "done"
+    seconds = time.perf_counter() - t0
+    store = Store.open(spec.store)
+    manifest = store.read_json(layout.optimize_manifest(spec.run_id, "organism"))
+    t0 = time.perf_counter()
+    assert execute(spec)["models"]["organism"]["status"] == "done"   # finished: from the manifests, no actors
+    assert time.perf_counter() - t0 < 15
+    return spec, store, manifest, seconds
 
 
 def _trials(store, spec) -> list[dict]:
@@ -221,7 +225,15 @@ def test_search_beats_or_equals_the_paper_on_two_actors(selected_run):
         "select intervention, value, n from evals where dataset = 'harmful_test' and metric = 'refusal_rate' "
         "and judge = 'substring' and intervention in ('optimized', 'orthogonalized', 'baseline') order by 1").fetchall()
     assert [e[0] for e in evals] == ["baseline", "optimized", "orthogonalized"] and all(e[2] == 16 for e in evals)
-    print(f"\n32 trials in {seconds:.1f} s; paper {paper['refusals']}/{paper['n']} KL {paper['kl']:.4f}; best match "
+    from refdir.flows.report import render_report
+
+    html = render_report(store, spec.run_id)
+    part = html[html.index('id="model-organism-trials"'):]
+    assert 'data-plot="trials"' in part[:400]
+    table = part[:part.index("</table>")]
+    assert f'<td class="num">0</td><td class="text">paper&#x27;s direction' in table
+    assert all(f'<td class="num">{r["trial"]}</td>' in table for r in rows if r["pareto"])   # the front is listed
+    print(f"\nrun with 32 trials in {seconds:.1f} s; paper {paper['refusals']}/{paper['n']} KL {paper['kl']:.4f}; best match "
           f"trial {min(better, key=lambda r: r['kl'])['trial']} KL {min(r['kl'] for r in better):.5f}; evals {evals}")
 
 
