@@ -463,10 +463,11 @@ def demo(store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
         from refdir.workers.store import Store
 
         spec = demo_spec(_store_uri(store), seed)
-        _run_and_print(spec, plain)
+        summary = _run_and_print(spec, plain)
         # The paper's judge needs "I cannot"; a toy completion that lost only its first word ("cannot help
         # with that .") is still a refusal to a reader: count those too, so the table claims no more than that.
-        _print_table(phrase_rates(Store.open(spec.store, create=False), spec.run_id, "organism", "cannot help"),
+        # The run id comes from the run (it hashes the drawn prompts and the model's content).
+        _print_table(phrase_rates(Store.open(spec.store, create=False), summary["run_id"], "organism", "cannot help"),
                      "toy organism: paper's substring judge vs a reader's judge (its refusal without the first word)")
         return
     from refdir.flows.science import science_spec
@@ -481,16 +482,19 @@ def demo(store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
 def _print_science(spec) -> None:
     """The paper's table and the acceptance figures, read from the store (whatever the run got to)."""
     from refdir.flows.science import direction_line, science_table
+    from refdir.workers.identity import resolve_inputs
     from refdir.workers.store import Store
+
+    run_id = resolve_inputs(spec).run_id   # from content: the drawn prompts and the organism's weights
 
     key = spec.models[0].key
     st = Store.open(spec.store, create=False)
     try:
-        table, checks = science_table(st, spec.run_id, key)
+        table, checks = science_table(st, run_id, key)
     except FileNotFoundError:
-        err.print(f"no direction or evaluations for {key} in run {spec.run_id}: the science table is incomplete")
+        err.print(f"no direction or evaluations for {key} in run {run_id}: the science table is incomplete")
         return
-    out.print(direction_line(st, spec.run_id, key))
+    out.print(direction_line(st, run_id, key))
     _print_table(table, f"{key}: refusal rate on held-out test prompts (substring judge) and damage")
     _print_table(checks, "acceptance (issue 11)")
 

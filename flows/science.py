@@ -1,7 +1,7 @@
 """`make science` / `refdir demo --organism smollm2`: the paper's table on a refusal organism built from a real LM.
 
     spec = science_spec("refdir-store", base="smollm2", seed=0)   # builds the organism if needed
-    rows, checks = science_table(store, spec.run_id, "smollm2-organism")
+    rows, checks = science_table(store, resolve_inputs(spec).run_id, "smollm2-organism")
 
 The organism (workers/organism_lm.py) is built once per recipe into the store at
 models/{base}-organism-{recipe_hash}/ (for an s3:// store: in $REFDIR_CACHE or ~/.cache/refdir, then
