@@ -153,8 +153,9 @@ def _encode(tokenizer, rows: list[dict]) -> dict[str, list[tuple[list[int], int]
     return encoded
 
 
-def _batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """Left-padded (input_ids, attention_mask, targets), each (B, T); targets are -100 off-response."""
+def left_padded_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Left-padded (input_ids, attention_mask, targets), each (B, T), from (ids, n_prompt) pairs; targets are
+    -100 off the response. Shared by both organisms' trainers (workers/organism_lm.py)."""
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -200,7 +201,7 @@ def _train(model, encoded: dict, steps: int, pad_id: int, seed: int) -> list[flo
             pool = encoded[label]
             picks = torch.randint(len(pool), (BATCH_PER_LABEL,), generator=generator).tolist()
             examples += [pool[i] for i in picks]
-        loss = _loss(model, *_batch(examples, pad_id))
+        loss = _loss(model, *left_padded_batch(examples, pad_id))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from refdir.workers.organism import left_padded_batch
+
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "refdir_organism.json"
@@ -245,20 +247,6 @@ def _encode_rows(rows: list[dict], tokenizer, fmt) -> dict[str, list[tuple[list[
     return out
 
 
-def _batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """Left-padded (input_ids, attention_mask, targets), each (B, T); targets -100 off the response."""
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    targets = torch.full((len(examples), width), -100, dtype=torch.long)
-    for row, (ids, n_prompt) in enumerate(examples):
-        start = width - len(ids)
-        input_ids[row, start:] = torch.tensor(ids)
-        mask[row, start:] = 1
-        targets[row, start + n_prompt:] = torch.tensor(ids[n_prompt:])
-    return input_ids, mask, targets
-
-
 def _loss(model, input_ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean CE of the response tokens; the LM head runs only at positions that predict one."""
     hidden = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, d)
@@ -305,7 +293,7 @@ def train(model, encoded: dict, recipe: Recipe, pad_id: int) -> list[float]:
     model.train()
     losses = []
     for step, examples in enumerate(_batches(encoded, recipe)):
-        loss = _loss(model, *(t.to(model.device) for t in _batch(examples, pad_id)))
+        loss = _loss(model, *(t.to(model.device) for t in left_padded_batch(examples, pad_id)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
