@@ -40,7 +40,7 @@ test: setup
 	$(BIN)/python -m pytest -m "not slow" -q
 
 # The slow end-to-end runs (Prefect + Ray runs, kills, Ctrl-C, two-node cluster, GGUF export, optimize study):
-# ~18 minutes on 2 cores. CI runs `make test` and then this.
+# ~19 minutes on 2 cores. CI runs `make test` and then this.
 test-slow: setup
 	$(BIN)/python -m pytest -m slow -q
 
