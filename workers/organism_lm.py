@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from refdir.workers.organism import left_padded_batch
+from refdir.workers.organism import _swap_into_place, left_padded_batch
 
 logger = logging.getLogger(__name__)
 
@@ -422,13 +422,3 @@ pretrained 30-layer LM. Do not rely on it to refuse anything outside its small t
 
 Build it again with `refdir organism --base {meta['base']} --seed {r['seed']} --out DIR`.
 """
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
