@@ -7,6 +7,13 @@ Interventions (DESIGN §4): baseline; ablation (r̂ projected out of every block
 output, generated tokens included); actadd (coeff * r at the input of layer l*: -1 on harmful prompts to
 bypass, +1 on harmless to induce); orthogonalized (weights edited in place for the job, restored after);
 random_ablation / random_actadd (a random direction of the same norm, the control).
+
+Every intervention runs as plain generation where that is exact (no hooks: HF's decode step pays one
+launch per hook per layer): ablation through the orthogonalised weights (`orthogonalized`, exact for every
+family whose attention/MLP outputs reach the residual un-normed), activation addition as a bias on the
+last module writing the residual before layer l (`hooks.actadd_bias`: block l-1's MLP output projection).
+The hooks (`hooks.ablate`, `hooks.actadd`: the paper's definition) run only where the edit is not exact:
+post-norm families (Gemma-2/3, OLMo-2) and activation addition at layer 0; one log line per model says so.
 """
 
 from __future__ import annotations
@@ -24,10 +31,9 @@ from refdir.schemas.jobs import EvalJob, Receipt
 from refdir.schemas.tables import completions_schema
 from refdir.workers.damage import DamageSets, pile_ce, response_ce
 from refdir.workers.directions import kl_div_last, refusal_scores
-from refdir.workers.hooks import ablate, actadd
+from refdir.workers.hooks import ablate, actadd, actadd_bias, actadd_bias_point, module_at
 from refdir.workers.judges import Judge, get_judge
 from refdir.workers.model import LoadedModel
-from refdir.workers.hooks import module_at
 from refdir.workers.orthogonalize import orthogonalize_, untie_embeddings_
 from refdir.workers.scoring import last_logits
 from refdir.workers.store import Store
@@ -89,6 +95,35 @@ class Direction:
         return (v / v.norm() * self.vector.double().norm()).to(self.vector.dtype)
 
 
+_FELL_BACK: set[tuple[str, str, str]] = set()
+
+
+def _hooks_because(lm: LoadedModel, what: str, why: str) -> None:
+    """One log line per (model, intervention, reason) per process: this one runs under hooks."""
+    key = (lm.spec.key, what, why)
+    if key not in _FELL_BACK:
+        _FELL_BACK.add(key)
+        logger.info("%s: %s runs under hooks, not as plain generation: %s", lm.spec.key, what, why)
+
+
+def ablation(lm: LoadedModel, direction: torch.Tensor):
+    """Directional ablation: the orthogonalised weights where the family makes them exact, else hooks.ablate."""
+    if lm.family.exact_orthogonalization:
+        return orthogonalized(lm, direction)
+    _hooks_because(lm, "ablation", f"family {lm.family.name} norms attention/MLP outputs before the residual "
+                                   "add, so orthogonalised weights only approximate it")
+    return ablate(lm, direction)
+
+
+def activation_addition(lm: LoadedModel, vector: torch.Tensor, layer: int, coeff: float):
+    """coeff * vector at the input of block `layer`: a bias (hooks.actadd_bias) where exact, else hooks.actadd."""
+    mod, _, why = actadd_bias_point(lm, layer)
+    if mod is not None:
+        return actadd_bias(lm, vector, layer, coeff)
+    _hooks_because(lm, f"actadd at layer {layer}", why)
+    return actadd(lm, vector, layer, coeff=coeff)
+
+
 def intervention(lm: LoadedModel, name: str, d: Direction, dataset_label: str):
     """The context manager that applies one intervention to `lm` (nullcontext for baseline)."""
     r = d.vector.to(lm.device)
@@ -96,22 +131,29 @@ def intervention(lm: LoadedModel, name: str, d: Direction, dataset_label: str):
     if name == "baseline":
         return contextlib.nullcontext()
     if name == "ablation":
-        return ablate(lm, r)
+        return ablation(lm, r)
     if name == "actadd":
-        return actadd(lm, r, d.layer, coeff=sign)
+        return activation_addition(lm, r, d.layer, sign)
     if name == "orthogonalized":
         return orthogonalized(lm, r)
     rnd = d.random_like().to(lm.device)
     if name == "random_ablation":
-        return ablate(lm, rnd)
+        return ablation(lm, rnd)
     if name == "random_actadd":
-        return actadd(lm, rnd, d.layer, coeff=sign)
+        return activation_addition(lm, rnd, d.layer, sign)
+    if name == "optimized":
+        raise ValueError("intervention 'optimized' is a trial's weighted orthogonalisation: the optimize stage "
+                         "runs it (workers/optimize.run_trial_eval), not an EvalJob")
     raise ValueError(f"unknown intervention {name!r}")
 
 
 def generate(lm: LoadedModel, instructions: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions (whitespace-stripped), batched with left padding, sorted by length to cut padding."""
-    order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))
+    """Greedy completions (whitespace-stripped) in the order given, batched with left padding.
+
+    Prompts are sorted by token length (stable) before batching, so a batch pads to its own longest
+    prompt; the completions are put back in the caller's order."""
+    lengths = lm.encode(instructions)["attention_mask"].sum(dim=1).tolist() if instructions else []
+    order = sorted(range(len(instructions)), key=lambda i: lengths[i])
     out: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -171,7 +213,8 @@ def run_eval(lm: LoadedModel, store: Store, job: EvalJob, d: Direction, judges: 
 def damage_metrics(lm: LoadedModel, d: Direction, name: str, sets: DamageSets, own: list[tuple[str, str]],
                    batch_size: int) -> dict[str, tuple[float, int]]:
     """metric -> (value, n) under intervention `name` (actadd is the bypass, -r, as in the paper's loss evals):
-    ce_pile, ce_alpaca, ce_on_distribution (n = tokens scored) and kl_first_token (n = prompts)."""
+    ce_pile, ce_alpaca, ce_on_distribution (n = tokens scored) and kl_first_token (n = prompts). The
+    intervention is applied as `intervention` applies it: plain forwards (edited weights / a bias) where exact."""
     prompts = [p for p, _ in own]
     base = last_logits(lm, prompts, batch_size)
     with intervention(lm, name, d, "harmful"):

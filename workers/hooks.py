@@ -11,6 +11,8 @@ Positions are negative offsets: position index i of n_pos means token position -
         out = lm.model.generate(**batch)
     with actadd(lm, direction, layer=3, coeff=1.0):
         logits = lm.model(**batch).logits
+    with actadd_bias(lm, direction, layer=3, coeff=1.0):   # the same, as a bias: no hook (where exact)
+        out = lm.model.generate(**batch)
 
 Ablation acts on every block input, every attention output and every MLP output; for families that
 norm those outputs before the residual add (Gemma-2/3, OLMo-2) it acts on the post-norm outputs,
@@ -227,3 +229,47 @@ def actadd(lm: "LoadedModel", vector: Tensor, layer: int, coeff: float = 1.0):
     with _hooks() as handles:
         handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
         yield
+
+
+def actadd_bias_point(lm: "LoadedModel", layer: int) -> tuple[nn.Module | None, float, str]:
+    """(module, scale, why): adding `scale * v` to `module`'s bias adds exactly v to the input of block `layer`.
+
+    That module is the last one writing into the residual before `layer`: block layer-1's MLP output
+    projection, whose output reaches the residual unchanged (times Granite's `residual_multiplier`, hence
+    the scale). None, with the reason, where no such bias exists: layer 0 (the embedding has no bias, and a
+    tied embedding must not change) and families that norm the MLP output before the residual add.
+    """
+    if not 0 <= layer < lm.n_layers:
+        raise ValueError(f"layer {layer} is out of range for a model with {lm.n_layers} layers (0..{lm.n_layers - 1})")
+    fam = lm.family
+    if layer == 0:
+        return None, 1.0, "layer 0 is fed by the embedding, which has no bias"
+    if fam.post_mlp_norm is not None:
+        return None, 1.0, f"family {fam.name} norms the MLP output ({fam.post_mlp_norm}) before the residual add"
+    mod = module_at(lm.blocks()[layer - 1], fam.mlp_out_proj)
+    conv1d = type(mod).__name__ == "Conv1D"
+    if not (isinstance(mod, nn.Linear) or conv1d) or (mod.weight.shape[1] if conv1d else mod.weight.shape[0]) != lm.d_model:
+        return None, 1.0, f"{fam.mlp_out_proj} is a {type(mod).__name__} that does not write the residual as a Linear does"
+    cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
+    mult = float(getattr(cfg, "residual_multiplier", 1.0) or 1.0)
+    return mod, 1.0 / mult, ""
+
+
+@contextmanager
+def actadd_bias(lm: "LoadedModel", vector: Tensor, layer: int, coeff: float = 1.0):
+    """`actadd` without a hook: coeff * vector added to the bias of the module writing the residual last before
+    block `layer` (see actadd_bias_point); HookError where that is not exact. The module's bias (a parameter
+    or None) is put back as it was in `finally`: the same tensor object, so bitwise."""
+    mod, scale, why = actadd_bias_point(lm, layer)
+    if mod is None:
+        raise HookError(f"activation addition at layer {layer} cannot be a bias: {why}; use hooks.actadd")
+    v = _check_vector(lm, vector, "vector") * (float(coeff) * scale)
+    old = mod.bias
+    w = mod.weight
+    with torch.no_grad():
+        new = v.to(w.device, w.dtype) if old is None else (old.detach().to(torch.float64) + v.to(old.device)).to(old.dtype)
+    mod.bias = nn.Parameter(new, requires_grad=False)
+    try:
+        yield
+    finally:
+        mod.bias = old
