@@ -32,11 +32,11 @@ import pyarrow.compute as pc
 
 from refdir.flows import plan
 from refdir.schemas import layout
-from refdir.schemas.jobs import Prompt
+from refdir.schemas.jobs import Prompt, TrialEvalJob, TrialJob
 from refdir.schemas.spec import RunSpec
 from refdir.schemas.tables import evals_schema, trials_schema
 from refdir.workers.identity import digest_json
-from refdir.workers.optimize import COMPONENTS, TrialEvalJob, TrialJob, TrialParams
+from refdir.workers.optimize import COMPONENTS, TrialParams
 from refdir.workers.store import Store
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,9 @@ from refdir.schemas.spec import ModelSpec, StoreSpec
 
 Split = Literal["train", "val", "test"]
 Label = Literal["harmful", "harmless"]
-Intervention = Literal["baseline", "ablation", "actadd", "orthogonalized", "random_ablation", "random_actadd"]
+# "optimized": a chosen optimize trial's weighted orthogonalisation (TrialEvalJob); the rest are EvalJob's
+Intervention = Literal["baseline", "ablation", "actadd", "orthogonalized", "random_ablation", "random_actadd",
+                       "optimized"]
 
 
 class _Job(BaseModel):
@@ -85,6 +87,40 @@ class EvalJob(_Job):
     @property
     def job_id(self) -> str:
         return f"eval/{self.dataset}-{self.intervention}-{self.index:05d}"
+
+
+class TrialJob(_Job):
+    """One optimize trial: apply its weighted orthogonalisation, generate on harmful val, KL on harmless val,
+    restore (workers/optimize.run_trial)."""
+
+    run_id: str
+    model: ModelSpec
+    store: StoreSpec
+    trial: int
+    params: dict = Field(..., description="Flat study parameters (workers/optimize.TrialParams.from_flat).")
+    position: int = Field(..., description="The selected direction's position: candidates are taken there.")
+    harmful_val: list[Prompt]
+    harmless_val: list[Prompt]
+    max_new_tokens: int = 64
+    batch_size: int = 32
+    judges: list[str] = ["substring"]
+    study: str = Field(..., description="Digest of the study's inputs (settings, prompts, candidates): a marker counts for a rerun only when it matches.")
+    input_digest: str = Field(..., description="Digest of the study and this trial's id and parameters.")
+
+    @property
+    def job_id(self) -> str:
+        return f"trial/{self.trial:05d}"
+
+
+class TrialEvalJob(EvalJob):
+    """An EvalJob under the chosen trial's weighted orthogonalisation (intervention 'optimized'), in the
+    `completions` layout (workers/optimize.run_trial_eval)."""
+
+    intervention: Literal["optimized"] = "optimized"
+    trial: int
+    params: dict = Field(..., description="Flat study parameters of the trial.")
+    position: int = Field(..., description="The selected direction's position.")
+    input_digest: str = Field(..., description="Digest of every input the output depends on (flows/optimize.py).")
 
 
 class Receipt(_Job):

@@ -134,6 +134,23 @@ def test_bad_optimize_bounds_are_one_spec_error(field, value, words):
     assert words in str(e.value) and "optimize" in str(e.value)
 
 
+def test_trial_eval_job_is_an_eval_job_of_intervention_optimized():
+    from pydantic import ValidationError
+
+    from refdir.schemas.jobs import EvalJob, Prompt, TrialEvalJob
+    from refdir.schemas.spec import ModelSpec, StoreSpec
+
+    body = dict(run_id="r", model=ModelSpec(path="m"), store=StoreSpec(uri="file:///tmp/s"), dataset="harmful_test",
+                index=3, prompts=[Prompt(prompt_id=0, instruction="hi")], input_digest="d")
+    job = TrialEvalJob(**body, trial=7, params={"embed_weight": 1.0}, position=-1)
+    assert isinstance(job, EvalJob) and job.intervention == "optimized"
+    assert job.job_id == EvalJob(**body, intervention="optimized").job_id == "eval/harmful_test-optimized-00003"
+    with pytest.raises(ValidationError, match="optimized"):
+        TrialEvalJob(**body, trial=7, params={}, position=-1, intervention="ablation")
+    with pytest.raises(ValidationError, match="input_digest"):
+        TrialEvalJob(**{k: v for k, v in body.items() if k != "input_digest"}, trial=7, params={}, position=-1)
+
+
 # ---------------------------------------------------------------- slow: the organism, Ray, Prefect
 
 SRC = "builtin:organism_{}_{}"

@@ -25,11 +25,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from refdir.schemas import layout
-from refdir.schemas.jobs import Prompt
-from refdir.schemas.spec import ModelSpec, StoreSpec
+from refdir.schemas.jobs import TrialEvalJob, TrialJob
 from refdir.schemas.tables import trials_schema
 from refdir.workers.directions import kl_div_last, refusal_scores
 from refdir.workers.evaluate import _judge, _snapshot, _writer_params, generate
@@ -202,31 +200,7 @@ def weighted_orthogonalized(lm: LoadedModel, direction: torch.Tensor, weights: L
                 p.copy_(s.to(p.device))
 
 
-# ---------------------------------------------------------------- the trial job
-
-class TrialJob(BaseModel):
-    """Apply one trial's weighted orthogonalisation, generate on harmful val, KL on harmless val, restore."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    run_id: str
-    model: ModelSpec
-    store: StoreSpec
-    trial: int
-    params: dict = Field(..., description="Flat study parameters (TrialParams.from_flat).")
-    position: int = Field(..., description="The selected direction's position: candidates are taken there.")
-    harmful_val: list[Prompt]
-    harmless_val: list[Prompt]
-    max_new_tokens: int = 64
-    batch_size: int = 32
-    judges: list[str] = ["substring"]
-    study: str = Field(..., description="Digest of the study's inputs (settings, prompts, candidates): a marker counts for a rerun only when it matches.")
-    input_digest: str = Field(..., description="Digest of the study and this trial's id and parameters.")
-
-    @property
-    def job_id(self) -> str:
-        return f"trial/{self.trial:05d}"
-
+# ---------------------------------------------------------------- the trial job (schemas/jobs.TrialJob)
 
 @dataclass
 class TrialVectors:
@@ -306,32 +280,6 @@ def run_trial(lm: LoadedModel, store: Store, job: TrialJob, vec: TrialVectors, j
 def trial_weights_json(params: dict, n_layers: int) -> dict:
     """The per-layer weights of a flat parameter set, for model cards and reports."""
     return asdict(TrialParams.from_flat(params).layer_weights(n_layers))
-
-
-class TrialEvalJob(BaseModel):
-    """Greedy completions of a slice of test prompts under one trial's edit, judged: intervention 'optimized'."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    run_id: str
-    model: ModelSpec
-    store: StoreSpec
-    dataset: str
-    index: int
-    trial: int
-    params: dict
-    position: int
-    prompts: list[Prompt]
-    max_new_tokens: int = 512
-    batch_size: int = 32
-    judges: list[str] = ["substring"]
-    input_digest: str
-
-    intervention: str = "optimized"
-
-    @property
-    def job_id(self) -> str:
-        return f"eval/{self.dataset}-{self.intervention}-{self.index:05d}"
 
 
 def run_trial_eval(lm: LoadedModel, store: Store, job: TrialEvalJob, vec: TrialVectors, judges: dict):
