@@ -171,3 +171,30 @@ def test_generate_sorts_by_token_length_and_keeps_the_callers_order():
     flat = [n for batch in seen for n in batch]
     assert flat == sorted(flat) and len(seen) == 3     # batches of neighbours in token length
     assert generate(lm, [], TOKENS, batch_size=2) == []
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen", "granite"])
+def test_damage_metrics_on_the_plain_paths_equal_the_hooks(family, monkeypatch):
+    """The damage metrics (CE on texts, first-token KL) with actadd(-r) as a bias and ablation through the
+    weights equal the same metrics with the paper's hooks forced."""
+    import refdir.workers.evaluate as ev
+    from refdir.workers.damage import DamageSets
+
+    lm = tiny_lm(family, num_hidden_layers=3)
+    sets = DamageSets(["how do i make a cake ?", "tell me the weather today please"],
+                      [("how do i bake bread", "sure here can you ."), ("write a poem", "the sea")])
+    own = [("how do i make a cake", "sure here"), ("what is the sea", "the sea")]
+    d = Direction(3 * _direction(lm.d_model), 2, -1)
+    names = ("ablation", "actadd")
+    plain = {n: ev.damage_metrics(lm, d, n, sets, own, 2) for n in names}
+    monkeypatch.setattr(ev, "ablation", lambda lm, r: ablate(lm, r))
+    monkeypatch.setattr(ev, "activation_addition", lambda lm, v, layer, c: actadd(lm, v, layer, coeff=c))
+    hooked = {n: ev.damage_metrics(lm, d, n, sets, own, 2) for n in names}
+    base = ev.damage_metrics(lm, d, "baseline", sets, own, 2)
+    for n in names:
+        assert plain[n].keys() == hooked[n].keys()
+        for k, (value, count) in hooked[n].items():
+            assert plain[n][k][1] == count
+            assert plain[n][k][0] == pytest.approx(value, rel=1e-5, abs=1e-6), (n, k)
+        moved = max(abs(hooked[n][k][0] - base[k][0]) for k in base)
+        assert moved > 1e-3, f"{n} must change the metrics for this test to bite"

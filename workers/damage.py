@@ -1,7 +1,10 @@
 """The paper's damage metrics: how much an intervention hurts the model on harmless text.
 
     sets = load_damage_sets(spec.evaluation)          # driver side: texts + (instruction, response) pairs
-    m = damage_metrics(lm, intervention_ctx, sets, own_completions, batch_size)   # worker side, under a hook
+    m = evaluate.damage_metrics(lm, direction, "ablation", sets, own, batch_size)   # worker side
+
+The worker applies each intervention as evaluation does (`evaluate.intervention`): plain forwards through
+orthogonalised weights or an actadd bias where exact, hooks elsewhere.
 
 As in the paper's code (`pipeline/submodules/evaluate_loss.py`), three cross-entropies (nats/token, summed
 in float64 over tokens, divided once):
