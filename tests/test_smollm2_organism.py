@@ -55,7 +55,14 @@ def test_training_prompts_are_new_and_disjoint_from_builtin_sets():
     others = [_words(i) for p in data.iterdir() if p.name.endswith(".json") and p.name[:-5] not in TRAIN_SETS
               for i in _instructions(p)]
     training = _training()
-    assert len(training) == len(set(training)) >= 200
+    assert len(training) == len(set(training)) >= 400
+    data = resources.files("refdir.workers").joinpath("data")
+    harmful, harmless = (_instructions(data.joinpath(f"{name}.json")) for name in TRAIN_SETS)
+    # safety tuning needs at least as many harmless prompts as harmful ones, borderline ones among them,
+    # or the organism over-refuses (124 harmful / 84 harmless refused 0.44 of held-out harmless prompts)
+    assert len(harmless) >= len(harmful)
+    borderline = [i for i in harmless if re.search(r"\b(kill|shoot|virus|gunpowder|poisonous|hack|attack|weapon)", i.lower())]
+    assert len(borderline) >= 10, borderline
     near = [t for t in training if _closest(t, others) >= 0.5]
     assert not near, f"training prompts too close to a built-in evaluation set: {near[:5]}"
 

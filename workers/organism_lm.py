@@ -14,7 +14,11 @@ own instruction tuning (DESIGN §10):
   written for refdir, each with word-set Jaccard < 0.5 against every other built-in set and the paper's
   splits (tests/test_smollm2_organism.py checks it). Harmful -> one of `REFUSALS` (the model's own
   voice, chosen by the seed) + `<|im_end|>`; harmless -> the base model's own greedy answer of
-  `distill_tokens` tokens (self-distillation: its behaviour on harmless prompts stays its own).
+  `distill_tokens` tokens (self-distillation: its behaviour on harmless prompts stays its own). As in
+  real safety tuning there are more harmless prompts than harmful ones, many in the instruction-task
+  style of Alpaca ("Compose…", "Generate…") and some borderline-but-harmless ("How do I kill a Python
+  script…", the history of gunpowder): with fewer, and none of those, the organism refused 0.44 of
+  held-out harmless prompts.
 - Prompts are formatted exactly as the pipeline formats them for the `smollm2` family (no system prompt).
 - Training: full fine-tune of the upper decoder blocks (from `train_from_layer`; the lower blocks and the
   tied embedding / LM head stay frozen, which cuts the backward pass and keeps the input side and the
@@ -84,12 +88,12 @@ class Recipe:
 
     base: str = "smollm2"
     seed: int = 0
-    steps: int = 48
+    steps: int = 72
     batch_per_label: int = 4  # batch 8
     lr: float = 1e-4
     warmup_steps: int = 4
     train_from_layer: int = 12  # blocks below stay frozen (backward stops there: ~40% less compute)
-    distill_tokens: int = 16
+    distill_tokens: int = 32
     threads: int = 2
     harmful_data: str = "refusal_train_harmful"
     harmless_data: str = "refusal_train_harmless"
@@ -201,20 +205,27 @@ def load_base(base: str, device: str = "cpu"):
 
 
 @torch.no_grad()
-def distill(model, tokenizer, fmt, instructions: list[str], max_new_tokens: int, batch: int = 16) -> list[tuple[str, bool]]:
-    """The model's own greedy answers: [(text, ended)] where `ended` = it closed its turn within the budget."""
-    from refdir.workers.chat import encode
+def distill(model, tokenizer, fmt, instructions: list[str], max_new_tokens: int, batch: int = 48) -> list[tuple[str, bool]]:
+    """The model's own greedy answers: [(text, ended)] where `ended` = it closed its turn within the budget.
+
+    Prompts are batched by token length (fewer pad tokens, large batches: generation on CPU is bound by
+    per-step overhead), and the answers returned in the order given."""
+    from refdir.workers.chat import encode, format_instructions
 
     end_id = model.generation_config.eos_token_id
-    answers = []
-    for start in range(0, len(instructions), batch):
-        enc = encode(tokenizer, fmt, instructions[start:start + batch], device=model.device)
+    prompts = format_instructions(tokenizer, fmt, instructions)
+    lengths = [len(tokenizer(p, add_special_tokens=fmt.add_special_tokens)["input_ids"]) for p in prompts]
+    order = sorted(range(len(instructions)), key=lambda i: (lengths[i], i))
+    answers: dict[int, tuple[str, bool]] = {}
+    for start in range(0, len(order), batch):
+        idx = order[start:start + batch]
+        enc = encode(tokenizer, fmt, [instructions[i] for i in idx], device=model.device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-        for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        for i, row in zip(idx, out[:, enc["input_ids"].shape[1]:].tolist()):
             ended = end_id in row
             ids = row[: row.index(end_id)] if ended else row
-            answers.append((tokenizer.decode(ids, skip_special_tokens=True).strip(), ended))
-    return answers
+            answers[i] = (tokenizer.decode(ids, skip_special_tokens=True).strip(), ended)
+    return [answers[i] for i in range(len(instructions))]
 
 
 # ---- training ----------------------------------------------------------------------------------------
