@@ -1,9 +1,9 @@
-"""refdir benchmarks: how close each stage runs to the limit it could reach, measured side by side.
+"""refdir benchmarks: every goal of the performance issue measured side by side, one process.
 
-    python -m benchmarks.run            # `make bench`: full run (~10-15 min on 2 cores), writes results/latest.json
-    python -m benchmarks.run --quick    # tiny sizes (< 60 s), a smoke test of the harness
+    python -m benchmarks.run            # `make bench`: writes results/latest.json
+    python -m benchmarks.run --quick    # tiny sizes, a smoke test of the harness
+    python -m benchmarks.gpu            # the one prepared GPU script (an H200 via the device tool)
 
-One module per measured stage (extraction, aggregation, generation, rerun, storage, scale), shared
-timing / machine / model helpers in `common`, the table in `report`, the H200 calibration of the scale
-estimate in `calibrate` (the lead's GPU checks live in `gpu/`). See README.md.
+One module per measured stage (extraction, aggregation, generation, sql, rerun), the 13-model estimate in
+`scale`, shared timing / machine / model helpers in `common`. See README.md.
 """

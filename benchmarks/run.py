@@ -1,18 +1,18 @@
-"""`python -m benchmarks.run` (= `make bench`): every stage against its limit, one process, one table + JSON.
+"""`python -m benchmarks.run` (= `make bench`): every goal of the performance issue side by side, one process.
 
-    python -m benchmarks.run                      # full run, ~10-15 min on 2 cores -> benchmarks/results/latest.json
-    python -m benchmarks.run --quick              # tiny sizes, < 60 s (the smoke test) -> results/quick.json.tmp
+    python -m benchmarks.run                      # full run -> benchmarks/results/latest.json (+ latest-detail.json.tmp)
+    python -m benchmarks.run --quick              # tiny sizes, one round: a smoke test (tests/test_benchmarks.py)
     python -m benchmarks.run --sections extraction,generation --out /tmp/x.json
 
-Sections (each failure is recorded under "errors" and the others go on):
-  aggregation  aggregate_means vs numpy over the same activations in memory; reference scan; peak RSS 1x/10x
-  extraction   run_extract vs a bare HF forward pass over the same batches (SmolLM2-135M-Instruct GGUF)
-  storage      bytes/value, write and scan MB/s, local folder vs S3 (moto on loopback)
-  generation   generate inside hooks.ablate vs plain generate
-  scale        the paper's 13 models on 1/8/32 GPUs from measured per-token costs (+ results/calibration-h200.json)
+Sections (a failing one is recorded under "errors" and the others go on):
+  extraction   run_extract vs the bare last-logits forward (SmolLM2-135M-Instruct GGUF), one job and a stream
+  aggregation  aggregate_means vs reading its inputs (markers + sums shards); peak RSS at 1x / 10x the data
+  generation   ablation / actadd as evaluation runs them vs plain generate (benchmarks/generation.py)
+  sql          `refdir sql` vs polars and pyarrow + numpy on the same activation shards (benchmarks/sql.py)
+  scale        the 13-model ESTIMATE on 8 H200s from the H200 per-token costs in results/gpu-h200-*.json
   rerun        execute(spec) on a finished organism run, and a resume after losing k jobs (own process)
-The JSON keeps every round's seconds; headline keys: extraction_ratio, aggregation_ratio, generation_ratio,
-rerun_seconds, peak_rss_ratio_10x, machine. Torch uses 2 threads on both sides of every ratio.
+latest.json is small: the headline keys, each goal with its value and pass / miss, every round's seconds,
+machine and load; each section's whole output goes to latest-detail.json.tmp (not committed).
 """
 
 from __future__ import annotations
@@ -39,36 +39,46 @@ from benchmarks.common import REPO, THREADS, machine_info  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = ("aggregation", "extraction", "storage", "generation", "scale", "rerun")
+SECTIONS = ("extraction", "aggregation", "generation", "sql", "scale", "rerun")
 RESULTS = REPO / "benchmarks" / "results"
+# headline key -> (section, key in the section's output, goal: value must be <= it)
+GOALS = {"extraction_ratio": ("extraction", "ratio", 1.10),
+         "gpu_extraction_ratio": ("gpu", "gpu_extraction_ratio", 1.5),
+         "sql_ratio": ("sql", "sql_ratio", 1.2),
+         "sql_layer_bytes_fraction": ("sql", "sql_layer_bytes_fraction", None),   # 1.5 / n_layers of the data
+         "generation_ratio": ("generation", "generation_ratio", 1.03),
+         "actadd_generation_ratio": ("generation", "actadd_generation_ratio", 1.03),
+         "rerun_seconds": ("rerun", "rerun_seconds", 5.0),
+         "scale_estimate_13_models_8_h200_hours": ("scale", "hours_8_gpus", 0.5),
+         "peak_rss_ratio_10x": ("aggregation", "peak_rss_ratio_10x", 1.2)}
+INFO = {"extraction_stream_ratio": ("extraction", "stream_ratio"), "extraction_cpu_ratio": ("extraction", "cpu_ratio"),
+        "aggregation_vs_reading_inputs": ("aggregation", "ratio"), "aggregation_s": ("aggregation", "refdir_s"),
+        "hook_generation_ratio": ("generation", "hook_generation_ratio"),
+        "hook_actadd_generation_ratio": ("generation", "hook_actadd_generation_ratio"),
+        "resume_jobs_recomputed_of_k": ("rerun", "jobs_recomputed"), "rerun_files_changed": ("rerun", "rerun_files_changed")}
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of one benchmark run."""
-
-    reps: int = 3
+    reps: int = 5
     extract_prompts: int = 16
     extract_batch: int = 8
     gen_prompts: int = 16
     gen_tokens: int = 32
-    gen_batch: int = 16
     agg: Sizes = field(default_factory=Sizes)
-    storage_shards: int = 8
     rerun_k: int = 3
 
 
-FULL = Plan(reps=5)
-QUICK = Plan(reps=1, extract_prompts=4, extract_batch=2, gen_prompts=4, gen_tokens=4, gen_batch=4,
-             agg=Sizes(n_shards=4, prompts_per_shard=8, n_layers=4, n_pos=5, d=64), storage_shards=2, rerun_k=1)
+QUICK = Plan(reps=1, extract_prompts=4, extract_batch=2, gen_prompts=4, gen_tokens=4,
+             agg=Sizes(n_shards=4, prompts_per_shard=8, n_layers=4, n_pos=5, d=64), rerun_k=1)
 
 
 class Bench:
-    """Runs the chosen sections in order, sharing the model and the extraction shard between them."""
+    """Runs the chosen sections in order, sharing the SmolLM2 model between them."""
 
-    def __init__(self, plan: Plan, quick: bool, workdir: Path, args: argparse.Namespace):
-        self.plan, self.quick, self.workdir, self.args = plan, quick, workdir, args
-        self.results: dict = {"errors": {}}
+    def __init__(self, plan: Plan, args: argparse.Namespace, workdir: Path):
+        self.plan, self.args, self.workdir = plan, args, workdir
+        self.results: dict = {"errors": {}, "section_seconds": {}, "section_load_1min": {}}
         self._lm = None
 
     @property
@@ -76,10 +86,7 @@ class Bench:
         if self._lm is None:
             from benchmarks.common import load_bench_model
 
-            t0 = time.perf_counter()
-            self._lm = load_bench_model(self.quick)
-            self.results["model"] = {"key": self._lm.spec.key, "layers": self._lm.n_layers, "d": self._lm.d_model,
-                                     "eoi_tokens": self._lm.eoi_tokens, "load_s": time.perf_counter() - t0}
+            self._lm = load_bench_model(self.args.quick)
         return self._lm
 
     def run(self, sections: list[str]) -> None:
@@ -91,96 +98,111 @@ class Bench:
             except Exception:  # noqa: BLE001 - one broken section must not hide the others' numbers
                 self.results["errors"][name] = traceback.format_exc()
                 logger.error("section %s failed:\n%s", name, self.results["errors"][name])
-            self.results.setdefault("section_seconds", {})[name] = time.perf_counter() - t0
-            # other processes on a shared machine stretch wall times: keep the 1-minute load with each section
-            self.results.setdefault("section_load_1min", {})[name] = round(os.getloadavg()[0], 2)
+            self.results["section_seconds"][name] = round(time.perf_counter() - t0, 1)
+            self.results["section_load_1min"][name] = round(os.getloadavg()[0], 2)   # other processes' share
+
+    def _extraction(self) -> dict:
+        from benchmarks.extraction import bench_extraction
+
+        p = self.plan
+        return bench_extraction(self.lm, self.workdir / "extraction", n_prompts=p.extract_prompts,
+                                batch_size=p.extract_batch, reps=p.reps, profile_on_miss=self.args.profile)
 
     def _aggregation(self) -> dict:
         from benchmarks.aggregation import bench_aggregation
 
         return bench_aggregation(self.workdir / "aggregation", self.plan.agg, reps=self.plan.reps,
-                                 distinct_10x=self.args.distinct_10x, profile_on_miss=self.args.profile)
-
-    def _extraction(self) -> dict:
-        from benchmarks.extraction import bench_extraction
-
-        return bench_extraction(self.lm, self.workdir / "extraction", n_prompts=self.plan.extract_prompts,
-                                batch_size=self.plan.extract_batch, reps=self.plan.reps,
-                                profile_on_miss=self.args.profile)
-
-    def _activations(self):
-        """Real activations for the storage bench: the extraction shard, else one capture."""
-        from benchmarks.extraction import shard_activations
-
-        ext = self.results.get("extraction")
-        if ext and Path(ext["shard"]).is_file():
-            return shard_activations(ext["shard"], ext["n_prompts"])
-        from benchmarks.common import prompts
-        from refdir.workers.extract import forward_capture
-
-        texts = [r["instruction"] for r in prompts("harmful", self.plan.extract_prompts)]
-        return forward_capture(self.lm, texts, self.plan.extract_batch).acts
-
-    def _storage(self) -> dict:
-        from benchmarks.storage import bench_storage
-
-        return bench_storage(self._activations(), self.workdir / "storage", n_shards=self.plan.storage_shards,
-                             reps=self.plan.reps)
+                                 profile_on_miss=self.args.profile)
 
     def _generation(self) -> dict:
         from benchmarks.generation import bench_generation
 
-        return bench_generation(self.lm, n_prompts=self.plan.gen_prompts, max_new_tokens=self.plan.gen_tokens,
-                                batch_size=self.plan.gen_batch, reps=self.plan.reps, profile_on_miss=self.args.profile)
+        p = self.plan
+        return bench_generation(self.lm, n_prompts=p.gen_prompts, max_new_tokens=p.gen_tokens, batch_size=p.gen_prompts,
+                                reps=p.reps, profile_on_miss=self.args.profile)
+
+    def _sql(self) -> dict:
+        from benchmarks.sql import section
+
+        return section(self.workdir / "sql", self.args.quick, self.plan.reps)
 
     def _scale(self) -> dict:
         from benchmarks.scale import bench_scale
 
-        gpu = json.loads(self.args.gpu_json.read_text()) if self.args.gpu_json.is_file() else None
-        out = bench_scale(self.lm, quick=self.quick, reps=self.plan.reps, gpu=gpu)
-        if gpu:
-            self.results["gpu"] = gpu
-        return out
+        gpu = latest_gpu()
+        return bench_scale(self.lm, quick=self.args.quick, gpu=gpu)
 
     def _rerun(self) -> dict:
         from benchmarks.common import run_child
 
         return run_child(["-m", "benchmarks.rerun", str(self.workdir / "rerun"), "--k", str(self.plan.rerun_k),
-                          "--reps", str(self.plan.reps)], timeout=900)
+                          "--reps", str(self.plan.reps)], timeout=1800)
 
 
-def headline(results: dict) -> dict:
-    """The keys the issue asks for, None where a section did not run or failed."""
-    def get(section: str, key: str):
+def latest_gpu() -> dict | None:
+    """The newest results/gpu-h200-*.json (H200 figures of benchmarks/gpu.py, summarised), with its file name."""
+    files = sorted(RESULTS.glob("gpu-h200-*.json"))
+    return {**json.loads(files[-1].read_text()), "file": files[-1].name} if files else None
+
+
+def summarise(results: dict, quick: bool) -> dict:
+    """Headline keys, goals with pass / miss, per-round seconds: what latest.json keeps."""
+    def get(section, key):
         return (results.get(section) or {}).get(key)
 
-    return {"extraction_ratio": get("extraction", "ratio"), "aggregation_ratio": get("aggregation", "ratio"),
-            "generation_ratio": get("generation", "ratio"), "rerun_seconds": get("rerun", "rerun_seconds"),
-            "peak_rss_ratio_10x": get("aggregation", "peak_rss_ratio_10x")}
+    goals, headline = {}, {}
+    for name, (section, key, goal) in GOALS.items():
+        value = get(section, key)
+        if name == "sql_layer_bytes_fraction" and results.get("sql"):
+            goal = 1.5 / results["sql"]["sizes"]["n_layers"]
+        status = "not run" if value is None else "quick" if quick else "pass" if value <= goal else "miss"
+        headline[name] = value
+        goals[name] = {"value": value, "goal": f"<= {goal:.4g}", "status": status}
+    goals["gpu_extraction_ratio"]["note"] = "no GPU lent to this run; benchmarks/gpu.py measures it on an H200"
+    goals["scale_estimate_13_models_8_h200_hours"]["note"] = "an ESTIMATE from measured per-token costs, not a run"
+    if results.get("scale"):
+        goals["scale_estimate_13_models_8_h200_hours"]["assumptions"] = results["scale"]["assumptions"]
+    for name, (section, _key, _goal) in GOALS.items():
+        if section in results.get("errors", {}):
+            goals[name]["status"] = "error"
+    rounds = {s: {"wall": results[s].get("rounds"), "cpu": results[s].get("cpu_rounds")}
+              for s in ("extraction", "aggregation", "generation") if results.get(s)}
+    if results.get("sql"):
+        rounds["sql"] = {q: results["sql"][q]["rounds"] for q in ("a", "b", "c")}
+    return {**headline, "goals": goals, "info": {k: get(s, key) for k, (s, key) in INFO.items()}, "rounds": rounds,
+            "errors": {s: msg.strip().splitlines()[-1] for s, msg in results.get("errors", {}).items()}}
 
 
-def write_json(path: Path, results: dict) -> None:
+def print_table(summary: dict, out: Path) -> None:
+    m = summary["machine"]
+    print(f"refdir benchmarks ({'quick' if summary['quick'] else 'full'}), {summary['date']}, {m['cores']} cores "
+          f"{m['cpu_model']}, load {m['load_avg_start'][0]:.1f} -> {m['load_avg_end'][0]:.1f}, {summary['wall_s']:.0f} s")
+    for name, g in summary["goals"].items():
+        v = "n/a" if g["value"] is None else f"{g['value']:.4g}"
+        print(f"  {name:40s} {v:>10s}  {g['goal']:>9s}  {g['status']}")
+    for name, v in summary["info"].items():
+        print(f"  {name:40s} {'n/a' if v is None else format(v, '.4g'):>10s}  (info)")
+    for name, line in summary["errors"].items():
+        print(f"  section {name} failed: {line}")
+    print(f"JSON: {out}")
+
+
+def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part.tmp")
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=False,
-                              default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    tmp.write_text(json.dumps(obj, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
     os.replace(tmp, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description="refdir stages against their limits")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description="refdir's performance goals side by side")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke test of the harness")
     p.add_argument("--sections", default=None,
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; --quick: all but rerun)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default results/latest.json, --quick: results/quick.json.tmp)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a new temp folder, deleted)")
-    p.add_argument("--keep", action="store_true", help="keep the scratch folder")
-    p.add_argument("--distinct-10x", action="store_true", help="write 10 distinct copies of the aggregation data "
-                   "(~11 GB) instead of hard links of the 1x shards")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="no profile for a missed ratio")
-    p.add_argument("--gpu-json", type=Path, default=RESULTS / "calibration-h200.json",
-                   help="H200 measurements from benchmarks/calibrate.py, used by the scale estimate when present")
     args = p.parse_args(argv)
     if args.sections is None:
         args.sections = ",".join(s for s in SECTIONS if not (args.quick and s == "rerun"))
@@ -191,8 +213,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("REFDIR_BENCH_LOG", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("httpx", "prefect", "transformers", "filelock", "botocore", "urllib3", "refdir"):
@@ -205,24 +226,23 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="refdir-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    plan = QUICK if args.quick else FULL
-    bench = Bench(plan, args.quick, workdir, args)
-    bench.results.update(machine=machine_info(), quick=args.quick, plan=repr(plan),
-                         started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    bench = Bench(QUICK if args.quick else Plan(), args, workdir)
+    machine = machine_info()
+    date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
         bench.run(args.sections.split(","))
     finally:
-        if not args.keep and args.workdir is None:
+        if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    results = {**headline(bench.results), **bench.results, "wall_seconds": time.perf_counter() - t0}
-    results["machine"]["load_avg_end"] = list(os.getloadavg())
-    from benchmarks.report import print_table, table_rows
-
-    results["table"] = table_rows(results)
+    machine["load_avg_end"] = list(os.getloadavg())
+    summary = {"date": date, "quick": args.quick, "wall_s": round(time.perf_counter() - t0, 1), "machine": machine,
+               **summarise(bench.results, args.quick), "section_seconds": bench.results["section_seconds"],
+               "section_load_1min": bench.results["section_load_1min"]}
     out = args.out or (RESULTS / ("quick.json.tmp" if args.quick else "latest.json"))
-    write_json(out, results)
-    print_table(results, out)
-    return results
+    write_json(out, summary)
+    write_json(out.with_name(out.stem + "-detail.json.tmp"), bench.results)
+    print_table(summary, out)
+    return summary
 
 
 if __name__ == "__main__":

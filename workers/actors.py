@@ -7,7 +7,8 @@
 `ModelWorker` is plain Python (testable without Ray); `remote_worker` wraps it as a Ray actor class.
 The model loads in the constructor, so a restarted actor reloads it; every job is idempotent (it checks
 its marker first), so Ray's retry of an in-flight call after a crash never duplicates rows. Only job
-specs go in and small receipts come out; data moves through the store.
+specs go in and small receipts come out; data moves through the store. Extraction shards are encoded
+and written by CPU-side writer threads, so in a threaded actor the next forward pass does not wait for them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from refdir.schemas.jobs import EvalJob, ExtractJob, Receipt, ScoreJob
 from refdir.schemas.spec import ModelSpec, StoreSpec
 from refdir.workers.damage import DamageSets
 from refdir.workers.evaluate import Direction, damage_metrics, run_eval
-from refdir.workers.extract import run_extract
+from refdir.workers.extract import ExtractWriter, run_extract
 from refdir.workers.model import load_model
 from refdir.workers.scoring import Baseline, run_score
 from refdir.workers.store import Store
@@ -43,6 +44,9 @@ class ModelWorker:
         self._vectors: dict[str, dict] = {}
         self._directions: dict[str, Direction] = {}
         self._judges: dict = {}   # judge name -> loaded judge: a judge model loads once per actor
+        # extraction jobs encode and write their shards on these threads; with several jobs in flight (a
+        # threaded actor) the next job's forward pass runs meanwhile (workers/extract.ExtractWriter)
+        self._writer = ExtractWriter(workers=2, max_pending=2)
 
     def ping(self) -> dict:
         """Small facts about the loaded model and the process (pid for fault tests)."""
@@ -53,7 +57,7 @@ class ModelWorker:
                 "missing_refusal_tokens": lm.missing_refusal_tokens}
 
     def extract(self, job: ExtractJob) -> Receipt:
-        return run_extract(self.lm, self.store, job)
+        return run_extract(self.lm, self.store, job, writer=self._writer)
 
     def score(self, job: ScoreJob) -> Receipt:
         key = f"{job.run_id}/{job.model.key}"

@@ -17,6 +17,7 @@ vouches for the same input digest is skipped (rerun = resume); any other marker 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -135,14 +136,63 @@ def prompts_table(job: ExtractJob, scores: torch.Tensor, kept: np.ndarray) -> pa
     }, schema=prompts_schema())
 
 
-def run_extract(lm: LoadedModel, store: Store, job: ExtractJob) -> Receipt:
-    """Run one extraction job unless its marker exists; data objects first, marker last."""
-    run, key = job.run_id, job.model.key
-    marker_rel = layout.activation_marker(run, key, job.split, job.label, job.index)
+class ExtractWriter:
+    """CPU-side writers for captured jobs, so the model's next forward pass starts while a shard is encoded.
+
+    `run_extract(..., writer=w)` captures under `w.forward_lock` (one forward at a time on the model), hands
+    the tensors to a pool of `workers` threads (Parquet encoding, sha256 and object writes release the GIL)
+    and waits for its own job's write, so the receipt and the marker-after-data order are unchanged and an
+    error in the writer is the job's error. At most `max_pending` captured jobs wait in memory: a job takes a
+    slot before its forward pass and gives it back when its objects are written. The overlap needs several
+    jobs in flight, i.e. a threaded actor (`remote_worker(max_concurrency=k)`).
+    """
+
+    def __init__(self, workers: int = 2, max_pending: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.forward_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="refdir-writer")
+
+    def run(self, capture, write):
+        """write(capture()) with capture under the forward lock and write on the pool; write's result."""
+        self._slots.acquire()
+        try:
+            with self.forward_lock:
+                captured = capture()
+            future = self._pool.submit(write, captured)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _f: self._slots.release())
+        return future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def run_extract(lm: LoadedModel, store: Store, job: ExtractJob, writer: ExtractWriter | None = None) -> Receipt:
+    """Run one extraction job unless its marker exists; data objects first, marker last.
+
+    With a `writer`, the objects are encoded and written on its threads (see ExtractWriter)."""
+    marker_rel = layout.activation_marker(job.run_id, job.model.key, job.split, job.label, job.index)
     if (done := store.receipt_if_done(marker_rel, job.job_id, job.input_digest)) is not None:
         return done
     t0 = time.perf_counter()
-    cap = forward_capture(lm, [p.instruction for p in job.prompts], job.batch_size, job.label, job.filter_prompts)
+
+    def capture() -> Captured:
+        return forward_capture(lm, [p.instruction for p in job.prompts], job.batch_size, job.label,
+                               job.filter_prompts)
+
+    def write(cap: Captured) -> Receipt:
+        return write_outputs(store, job, cap, marker_rel, t0)
+
+    return write(capture()) if writer is None else writer.run(capture, write)
+
+
+def write_outputs(store: Store, job: ExtractJob, cap: Captured, marker_rel: str, t0: float) -> Receipt:
+    """The job's sums and prompts shards, then its activation shard and marker (Store.commit)."""
+    run, key = job.run_id, job.model.key
     sums_rel = layout.sums_shard(run, key, job.split, job.label, job.index)
     prompts_rel = layout.prompts_shard(run, key, job.split, job.label, job.index)
     _, sums_sha = store.write_table(sums_rel, sums_table(job, cap), table_name="sums", run_id=run)
