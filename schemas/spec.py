@@ -98,7 +98,7 @@ class ExtractionSpec(_Frozen):
     """How activations are cut into jobs and stored (part of the run identity)."""
 
     prompts_per_job: int = Field(64, ge=1, description="Prompts per extraction job (one Parquet shard each).")
-    activation_dtype: Literal["float32", "float16"] = Field("float32", description="Stored activation precision (float16 skips byte-stream-split).")
+    activation_dtype: Literal["float32", "float16"] = Field("float16", description="Stored activation precision: float16 halves the bytes (means come from float64 sums either way; a shard beyond float16's range is stored as float32); runs made before float16 became the default resume with activation_dtype = \"float32\".")
     candidates_per_job: int = Field(16, ge=1, description="Candidate directions scored per selection job.")
 
 

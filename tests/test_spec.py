@@ -260,7 +260,7 @@ def test_run_id_needs_resolved_inputs_and_a_stored_id_wins():
 
 @pytest.mark.parametrize("field, value", [
     ("prompts.seed", 7), ("prompts.n_train", 64), ("selection.kl_threshold", 0.2), ("generation.max_new_tokens", 64),
-    ("extraction.activation_dtype", "float16"), ("evaluation.judges", ["substring", "llamaguard:/models/guard"]),
+    ("extraction.activation_dtype", "float32"), ("evaluation.judges", ["substring", "llamaguard:/models/guard"]),
     ("models.0.dtype", "bfloat16"), ("models.0.key", "m2"), ("name", "other"),
 ])
 def test_run_id_changes_with_result_fields(field, value):

@@ -80,8 +80,17 @@ def keep_mask(scores: torch.Tensor, label: str, enabled: bool) -> np.ndarray:
 
 
 def activation_table(job: ExtractJob, acts: torch.Tensor, dtype: str) -> pa.Table:
-    """(n, L, P, d) -> rows sorted layer-major: layer, then prompt, then position."""
+    """(n, L, P, d) -> rows sorted layer-major: layer, then prompt, then position.
+
+    float16 halves the bytes (means do not change: they come from the float64 sums); a shard whose values
+    do not fit float16 (|x| > 65504) is stored as float32 instead, with one warning (readers see FLOAT either way)."""
     n, n_layers, n_pos, d = acts.shape
+    if dtype == "float16" and acts.numel():
+        lo, hi = torch.aminmax(acts)
+        if max(-float(lo), float(hi)) > float(np.finfo(np.float16).max):
+            logger.warning("%s: activations reach %.4g, beyond float16; this shard is stored as float32",
+                           job.job_id, max(-float(lo), float(hi)))
+            dtype = "float32"
     np_dtype = np.float16 if dtype == "float16" else np.float32
     flat = acts.permute(1, 0, 2, 3).reshape(-1, d).numpy().astype(np_dtype, copy=False)   # (L*n*P, d)
     ids = np.array([p.prompt_id for p in job.prompts], dtype=np.int64)
