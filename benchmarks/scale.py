@@ -187,7 +187,7 @@ def prompt_tokens(lm, n: int = 96) -> float:
 
 def bench_scale(lm, *, quick: bool = False, gpu: dict | None = None) -> dict:
     summary = (gpu or {}).get("summary")
-    g = gpu_from_summary(summary, f"{gpu.get('file', '?')} ({summary.get('date', '?')})" if summary else "")
+    g = gpu_from_summary(summary, f"measured: {gpu.get('file', '?')} ({gpu.get('date', '?')})" if summary else "")
     t = prompt_tokens(lm, 8 if quick else 96)
     out = {"estimate": True, "goal_h": GOAL_H, "assumptions": asdict(g), "prompt_tokens": t,
            "new_tokens": NEW_TOKENS, **estimate(g, t)}
