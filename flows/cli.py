@@ -456,7 +456,11 @@ def demo(store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
          seed: int = typer.Option(0, "--seed", help="Organism seed"),
          organism: str = typer.Option("toy", "--organism", help="toy (the 4-layer organism, ~1 min) or smollm2 (the "
                                                                "science check on SmolLM2-135M taught to refuse)"),
-         plain: bool = typer.Option(False, "--plain", help="Log lines instead of progress bars")) -> None:
+         plain: bool = typer.Option(False, "--plain", help="Log lines instead of progress bars"),
+         allow_fallback: bool = typer.Option(False, "--allow-fallback",
+                                             help="smollm2: when every candidate is filtered, take the best bypass "
+                                                  "(marked FALLBACK) and finish the table; a stopped run resumes "
+                                                  "with its extraction and scores reused")) -> None:
     """Train a refusal organism and run the whole pipeline on it; prints refusal rates and where the report is."""
     if organism == "toy":
         from refdir.flows.demo import demo_spec, phrase_rates
@@ -473,6 +477,8 @@ def demo(store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
     from refdir.flows.science import science_spec
 
     spec = science_spec(_store_uri(store), base=organism, seed=seed)
+    if allow_fallback:   # not part of the run id: the same run, selection redone
+        spec = spec.model_copy(update={"selection": spec.selection.model_copy(update={"allow_fallback": True})})
     try:
         _run_and_print(spec, plain)
     finally:
@@ -481,7 +487,7 @@ def demo(store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
 
 def _print_science(spec) -> None:
     """The paper's table and the acceptance figures, read from the store (whatever the run got to)."""
-    from refdir.flows.science import direction_line, science_table
+    from refdir.flows.science import direction_line, science_table, selection_failure
     from refdir.workers.identity import resolve_inputs
     from refdir.workers.store import Store
 
@@ -492,6 +498,10 @@ def _print_science(spec) -> None:
     try:
         table, checks = science_table(st, run_id, key)
     except FileNotFoundError:
+        stopped = selection_failure(st, run_id, key)
+        if stopped:   # the paper's filters left no candidate: say which and show the best, whole
+            err.print(f"{key}: no direction passes the paper's filters, so there is no table:\n{escape(stopped)}",
+                      highlight=False, soft_wrap=True)
         err.print(f"no direction or evaluations for {key} in run {run_id}: the science table is incomplete")
         return
     out.print(direction_line(st, run_id, key))

@@ -157,6 +157,20 @@ def acceptance(rows: list[dict], direction: dict) -> list[dict]:
 CE_PLAIN = ("ce_pile", "ce_harmless_text")
 
 
+SELECTION_ERROR = "SelectionError: "
+
+
+def selection_failure(store: Store, run_id: str, model: str) -> str | None:
+    """The whole SelectionError message of a run that stopped at selection (how many candidates each filter
+    dropped, the five best with every reason), read from the model's error log; None when there is none."""
+    rel = layout.error_log(run_id, model)
+    if not store.exists(rel):
+        return None
+    text = store.read_bytes(rel).decode("utf-8", errors="replace")
+    at = text.rfind(SELECTION_ERROR)
+    return text[at + len(SELECTION_ERROR):].strip() if at >= 0 else None
+
+
 def direction_line(store: Store, run_id: str, model: str) -> str:
     d = store.read_json(layout.direction_json(run_id, model))
     return (f"chosen direction: position {d['position']}, layer {d['layer']} of {d.get('n_layers', '?')}; "

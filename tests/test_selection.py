@@ -72,6 +72,19 @@ def test_all_filtered_error_shows_five_best_with_reasons():
     assert "allow_fallback" in msg
 
 
+def test_all_filtered_error_also_shows_the_best_dropped_by_kl_alone():
+    # the best bypass scores come from directions that break the model (all filters fail); the ones the KL
+    # filter alone dropped are listed too, best first (what the SmolLM2 organism's science run needs to show)
+    rows = [row(-4, layer, -10.0 - layer, kl=5.0, induce=-3.0) for layer in range(6)]
+    rows += [row(-1, 5, -2.0, kl=0.3), row(-1, 6, -3.0, kl=0.5), row(-1, 7, -1.0, induce=-0.1)]
+    with pytest.raises(SelectionError) as e:
+        select_direction(rows, 10, SPEC)
+    msg = str(e.value)
+    assert "the best of the 2 dropped by the KL filter alone:" in msg
+    tail = msg.split("KL filter alone:")[1]
+    assert tail.index("layer   6") < tail.index("layer   5") and "layer   7" not in tail
+
+
 def test_all_filtered_error_names_every_reason_of_each_candidate():
     rows = [row(-1, 9, -5.0, kl=0.3, induce=-1.0), row(-2, 1, -4.0, induce=-0.5), row(-1, 2, math.nan)]
     with pytest.raises(SelectionError) as e:

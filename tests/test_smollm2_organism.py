@@ -8,7 +8,9 @@
 - the science spec (infra/specs/smollm2-organism.toml) uses the paper's sizes and falls back to the built-in
   sets when the paper's splits are absent.
 
-The full recipe and the science run itself are `make science` (README "Science check"), too long for CI.
+The full recipe and the science run itself are `make science` (README "A refusal organism from a real LM"),
+too long for CI: two builds of the shipped recipe take ~12 minutes on 2 cores, so the determinism test uses
+a small recipe (two builds of the shipped recipe, eba3a6ba9c4a, gave the same sha256 on 2026-12-03).
 """
 
 from __future__ import annotations
@@ -129,3 +131,27 @@ def test_small_build_is_deterministic_and_resolves_to_smollm2(tmp_path):
     rows = json.loads((a / "training_rows.json").read_text())
     assert {r["label"] for r in rows} == {"harmful", "harmless"}
     assert all(r["response"].startswith("I") for r in rows if r["label"] == "harmful")
+
+
+def test_a_run_stopped_at_selection_prints_the_whole_filter_message(tmp_path):
+    # what `make science` shows when no candidate passes: the SelectionError's every line, read back from the
+    # model's error log as the pipeline writes it (a traceback ending in the exception's message)
+    import traceback
+
+    from refdir.flows.science import selection_failure
+    from refdir.schemas import layout
+    from refdir.schemas.spec import SelectionSpec
+    from refdir.workers.selection import SelectionError, select_direction
+    from refdir.workers.store import Store
+
+    rows = [{"position": -1, "layer": 3, "bypass_score": -2.0, "induce_score": 0.5, "kl_score": 0.9}]
+    try:
+        select_direction(rows, 30, SelectionSpec(kl_threshold=0.22))
+    except SelectionError:
+        text = "2026-12-03T14:56:09Z model m failed in stage select\n\n" + traceback.format_exc()
+    store = Store.open(str(tmp_path / "store"))
+    assert selection_failure(store, "run1", "m") is None
+    store.write_bytes(layout.error_log("run1", "m"), text.encode())
+    msg = selection_failure(store, "run1", "m")
+    assert msg.startswith("all 1 candidates were filtered out") and "kl 0.9 > 0.22" in msg
+    assert "the five best by bypass score" in msg and msg.rstrip().endswith("best bypass anyway")

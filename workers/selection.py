@@ -87,6 +87,11 @@ def select_direction(rows: list[dict], n_layers: int, spec: SelectionSpec) -> tu
     return choice, annotated
 
 
+def _candidate_line(r: dict) -> str:
+    return (f"  pos {r['position']:>3} layer {r['layer']:>3}: bypass {r['bypass_score']:.4g} "
+            f"induce {r['induce_score']:.4g} kl {r['kl_score']:.4g} -> {r['drop_reason']}")
+
+
 def _all_filtered_message(annotated: list[dict], spec: SelectionSpec) -> str:
     bites = Counter(reason.split(" ", 1)[0] for r in annotated for reason in r["drop_reason"].split("; "))
     names = {"nan": "NaN score", "layer": f"layer >= max_layer_fraction x n_layers ({spec.max_layer_fraction})",
@@ -94,9 +99,11 @@ def _all_filtered_message(annotated: list[dict], spec: SelectionSpec) -> str:
     lines = [f"all {len(annotated)} candidates were filtered out; candidates each filter drops: "
              + ", ".join(f"{names.get(k, k)}: {n}" for k, n in bites.most_common())]
     lines.append("the five best by bypass score, with every reason each was dropped:")
-    for r in annotated[:5]:
-        lines.append(f"  pos {r['position']:>3} layer {r['layer']:>3}: bypass {r['bypass_score']:.4g} "
-                     f"induce {r['induce_score']:.4g} kl {r['kl_score']:.4g} -> {r['drop_reason']}")
+    lines += [_candidate_line(r) for r in annotated[:5]]
+    kl_only = [r for r in annotated if r["drop_reason"].startswith("kl ") and "; " not in r["drop_reason"]]
+    if kl_only and kl_only[0] not in annotated[:5]:   # the best by bypass broke the model; these only cost KL
+        lines.append(f"the best of the {len(kl_only)} dropped by the KL filter alone:")
+        lines += [_candidate_line(r) for r in kl_only[:5]]
     lines.append("loosen [selection] thresholds (kl_threshold, induce_threshold, max_layer_fraction) in the spec, "
                  "or set selection.allow_fallback = true / pass --allow-fallback to take the best bypass anyway")
     return "\n".join(lines)
