@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 for _k, _v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
@@ -204,6 +204,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default results/latest.json, --quick: results/quick.json.tmp)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a new temp folder, deleted)")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds per comparison (default 5, --quick 1)")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="no profile for a missed ratio")
     args = p.parse_args(argv)
     if args.sections is None:
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="refdir-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    bench = Bench(QUICK if args.quick else Plan(), args, workdir)
+    plan = QUICK if args.quick else Plan()
+    bench = Bench(replace(plan, reps=args.reps) if args.reps else plan, args, workdir)
     machine = machine_info()
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out = args.out or (RESULTS / ("quick.json.tmp" if args.quick else "latest.json"))
