@@ -3,7 +3,8 @@
 - the quick run (tiny sizes, every section but rerun) exits 0 and writes a small latest.json: every goal of
   the performance issue with value and status, per-round seconds, no section errors, means equal to numpy's;
 - `python -m benchmarks.gpu --dry-run` runs the one GPU script's whole code path on CPU at tiny shapes;
-- the rerun section (Prefect + Ray + the organism) is slow and marked so;
+- the quick run, the dry run and the rerun section (Prefect + Ray + the organism) are slow and marked so
+  (minutes each on 2 cores: every section loads SmolLM2 or writes shards);
 - timing, scheduling, parameter counts and the decode fit are checked on known numbers.
 """
 
@@ -35,6 +36,7 @@ def run_bench(tmp_path: Path, *args: str, timeout: float) -> tuple[dict, float]:
     return json.loads(out.read_text()), wall
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_goal(tmp_path):
     res, wall = run_bench(tmp_path, timeout=600)
     assert res["errors"] == {}, res["errors"]
@@ -60,6 +62,7 @@ def test_quick_run_writes_every_goal(tmp_path):
     assert len(json.dumps(res)) < 30_000                             # latest.json stays a summary
 
 
+@pytest.mark.slow
 def test_gpu_script_dry_run(tmp_path):
     """The one prepared GPU script, whole code path, on CPU at tiny shapes (no device time spent)."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--dry-run", "--out", str(tmp_path / "gpu.json")],
