@@ -146,10 +146,13 @@ def acceptance(rows: list[dict], direction: dict) -> list[dict]:
         ("direction passes the filters without fallback", 0.0 if direction.get("fallback") else 1.0, ">=", 1.0),
     ]
     out = []
-    for name, value, op, bound in checks:
+    for i, (name, value, op, bound) in enumerate(checks):
         ok = value is not None and (value >= bound if op == ">=" else value <= bound)
+        met = "yes" if ok else "NO"
+        if ok and direction.get("fallback") and i not in (0, 4):   # only the two baselines do not use r
+            met = "not counted: FALLBACK direction"   # e.g. "ablation removes refusal" by breaking the model
         out.append({"check": name, "value": "-" if value is None else f"{value:.3f}", "target": f"{op} {bound}",
-                    "met": "yes" if ok else "NO"})
+                    "met": met})
     return out
 
 

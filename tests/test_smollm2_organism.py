@@ -155,3 +155,23 @@ def test_a_run_stopped_at_selection_prints_the_whole_filter_message(tmp_path):
     msg = selection_failure(store, "run1", "m")
     assert msg.startswith("all 1 candidates were filtered out") and "kl 0.9 > 0.22" in msg
     assert "the five best by bypass score" in msg and msg.rstrip().endswith("best bypass anyway")
+
+
+def test_acceptance_counts_nothing_a_fallback_direction_did():
+    # the science run's fallback direction (SmolLM2 organism, 2026-12-03: pos -4, layer 2, KL 10.6) "removed"
+    # refusal by turning every answer into gibberish; only the baselines may count as met then
+    from refdir.flows.science import acceptance
+
+    def r(dataset, intervention, value, metric="refusal_rate"):
+        return {"dataset": dataset, "intervention": intervention, "judge": "substring", "metric": metric,
+                "value": value, "n": 100}
+
+    rows = [r("harmful_test", "baseline", 0.93), r("harmful_test", "ablation", 0.0),
+            r("harmful_test", "orthogonalized", 0.0), r("harmful_test", "random_ablation", 0.91),
+            r("harmless_test", "baseline", 0.09), r("harmless_test", "actadd", 0.13),
+            r("damage", "baseline", 4.11, "ce_pile"), r("damage", "ablation", 9.97, "ce_pile")]
+    met = {c["check"]: c["met"] for c in acceptance(rows, {"fallback": True})}
+    assert met["harmful refusal, baseline"] == met["harmless refusal, baseline"] == "yes"
+    assert met["harmful refusal, ablation"].startswith("not counted") and met["harmless refusal, actadd(+r)"] == "NO"
+    assert met["CE on plain harmless text, ablation - baseline"] == "NO"
+    assert acceptance(rows, {"fallback": False})[1]["met"] == "yes"
