@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from benchmarks.aggregation import Sizes
+
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +52,10 @@ TOL = 1e-4    # max abs difference between sides (float32 inputs, float32/float6
 
 
 @dataclass(frozen=True)
-class SqlSizes:
-    n_shards: int = 80            # half harmful, half harmless; 80 x 64 prompts = 2.12 GB of float32
-    prompts_per_shard: int = 64
-    n_layers: int = 30
-    n_pos: int = 6
-    d: int = 576
+class SqlSizes(Sizes):
+    """The aggregation benchmark's shard shape (SmolLM2's), more shards: 80 x 64 prompts = 2.12 GB of float32."""
 
-    @property
-    def raw_bytes(self) -> int:
-        return self.n_shards * self.prompts_per_shard * self.n_layers * self.n_pos * self.d * 4
+    n_shards: int = 80            # half harmful, half harmless
 
     @property
     def layer(self) -> int:
