@@ -83,8 +83,10 @@ def cold_rerun(spec_path: Path, env: dict) -> float:
     code = ("import json,sys; from refdir.schemas.spec import parse_spec; from refdir.flows.runner import execute; "
             "execute(parse_spec(json.load(open(sys.argv[1]))))")
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, str(spec_path)], cwd=REPO, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code, str(spec_path)], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    if proc.returncode != 0:   # say why: a rerun that dies is a product failure, not benchmark noise
+        raise RuntimeError(f"cold rerun of {spec_path} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return time.perf_counter() - t0
 
 
