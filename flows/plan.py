@@ -91,7 +91,8 @@ def eval_jobs(spec: RunSpec, model: ModelSpec, draw, upstream: str | None = None
                 job = EvalJob(run_id=spec.run_id, model=model, store=spec.store, dataset=dataset,
                               intervention=intervention, index=index, prompts=part,
                               max_new_tokens=spec.generation.max_new_tokens,
-                              batch_size=spec.generation.batch_size, judges=spec.evaluation.judges)
+                              batch_size=spec.generation.batch_size, judges=spec.evaluation.judges,
+                              max_batch_size=spec.generation.max_batch_size)   # not in the digest (hardware)
                 direction = None if intervention == "baseline" else upstream
                 jobs.append(_with_digest(job, _digest(spec, model, "eval", dataset=dataset, intervention=intervention,
                                                       index=index, prompts=_texts(part), judges=job.judges,

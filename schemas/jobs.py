@@ -81,6 +81,7 @@ class EvalJob(_Job):
     prompts: list[Prompt]
     max_new_tokens: int = 512
     batch_size: int = 32
+    max_batch_size: int | None = Field(None, description="On a GPU, batches sized from free memory up to this (generation.max_batch_size); None = fixed batch_size batches. Not in input_digest (floating-point batch effects only).")
     judges: list[str] = ["substring"]
     input_digest: str = Field("", description="Digest of every input the output depends on (flows/plan.py); its marker records it, and a job is done only when they match.")
 

@@ -116,7 +116,8 @@ class GenerationSpec(_Frozen):
     """Greedy generation for evaluation."""
 
     max_new_tokens: int = Field(512, ge=1, description="New tokens per completion (paper: 512).")
-    batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
+    batch_size: int = Field(32, ge=1, description="Prompts per generation batch on CPU (fixed batches wherever free accelerator memory cannot be read).")
+    max_batch_size: int = Field(256, ge=1, description="On a GPU, each generation batch holds as many prompts as free memory allows (KV cache for the batch's longest prompt + max_new_tokens, counted conservatively), up to this and the job's prompts; not part of the run id: batch size changes completions only by floating-point batch effects, as the GPU type does.")
 
 
 class EvaluationSpec(_Frozen):
@@ -286,7 +287,9 @@ class RunSpec(_Frozen):
 # later is hashed only when its value differs from its default, so adding a field with a default keeps every
 # existing run id; changing a listed field's default changes the ids, as it should. Not hashed at all: where the
 # data lives (store), the hardware (compute), selection policy flags that are resume options of the same run
-# (allow_fallback: resuming with it redoes selection and what follows), the optimize search (its trial markers
+# (allow_fallback: resuming with it redoes selection and what follows), generation.max_batch_size (GPU batches
+# grow from free memory: a hardware matter, changing completions only by floating-point batch effects, and a run
+# that runs out of memory resumes with a lower one), the optimize search (its trial markers
 # and manifest record the digest of its settings: adding or changing [optimize] reruns the search only),
 # and where the prompts and the model
 # were found: the drawn prompts' text and the model's content digest (RunSpec.inputs) are hashed instead.
@@ -301,7 +304,8 @@ IDENTITY_V1_FIELDS: dict[str, tuple[str, ...]] = {
     "EvaluationSpec": ("judges", "prompts_per_job", "ce_pile_source", "ce_alpaca_source", "ce_n", "ce_max_tokens"),
 }
 NOT_IDENTITY = frozenset({
-    "store", "compute", "optimize", "selection.allow_fallback", "models.path", "models.revision",
+    "store", "compute", "optimize", "selection.allow_fallback", "generation.max_batch_size", "models.path",
+    "models.revision",
     "prompts.harmful_train", "prompts.harmless_train", "prompts.harmful_val", "prompts.harmless_val",
     "prompts.harmful_test", "prompts.harmless_test", "prompts.instruction_column", "prompts.category_column",
 })

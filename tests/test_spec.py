@@ -279,6 +279,7 @@ def test_run_id_changes_with_the_inputs_content():
     ("store.secret", "s"), ("compute.ray_address", "ray://head:10001"), ("compute.num_workers", 8),
     ("compute.gpus_per_worker", 4.0), ("compute.batch_size", 8), ("compute.max_retries", 0),
     ("selection.allow_fallback", True),                       # a resume option of the same run
+    ("generation.max_batch_size", 32),                        # GPU batches from free memory: hardware
     ("optimize.enabled", True), ("optimize.trials", 8),      # the search re-keys its own markers
     ("prompts.harmful_train", "file:/elsewhere/harmful.json"),  # where prompts were found: their text is hashed
     ("models.0.path", "/moved/folder"), ("models.0.revision", "main"),   # the model's content digest is hashed

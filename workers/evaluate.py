@@ -19,9 +19,10 @@ post-norm families (Gemma-2/3, OLMo-2) and activation addition at layer 0; one l
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import torch
@@ -29,11 +30,12 @@ import torch
 from refdir.schemas import layout
 from refdir.schemas.jobs import EvalJob, Receipt
 from refdir.schemas.tables import completions_schema
+from refdir.workers import batching
 from refdir.workers.damage import DamageSets, pile_ce, response_ce
 from refdir.workers.directions import kl_div_last, refusal_scores
 from refdir.workers.hooks import ablate, actadd, actadd_bias, actadd_bias_point, module_at
 from refdir.workers.judges import Judge, get_judge
-from refdir.workers.model import LoadedModel
+from refdir.workers.model import LoadedModel, _takes_logits_to_keep
 from refdir.workers.orthogonalize import orthogonalize_, untie_embeddings_
 from refdir.workers.scoring import last_logits
 from refdir.workers.store import Store
@@ -147,16 +149,19 @@ def intervention(lm: LoadedModel, name: str, d: Direction, dataset_label: str):
     raise ValueError(f"unknown intervention {name!r}")
 
 
-def generate(lm: LoadedModel, instructions: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+def generate(lm: LoadedModel, instructions: list[str], max_new_tokens: int, batch_size: int,
+             max_batch_size: int | None = None) -> list[str]:
     """Greedy completions (whitespace-stripped) in the order given, batched with left padding.
 
     Prompts are sorted by token length (stable) before batching, so a batch pads to its own longest
-    prompt; the completions are put back in the caller's order."""
+    prompt; the completions are put back in the caller's order. Batches hold `batch_size` prompts, or, with
+    `max_batch_size` on a CUDA device, as many as its free memory holds (workers/batching.py) up to it."""
     lengths = lm.encode(instructions)["attention_mask"].sum(dim=1).tolist() if instructions else []
     order = sorted(range(len(instructions)), key=lambda i: lengths[i])
+    sizes = _batch_sizes(lm, sorted(lengths), max_new_tokens, batch_size, max_batch_size)
     out: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for start, size in zip(itertools.accumulate(sizes, initial=0), sizes):
+        idx = order[start : start + size]
         enc = lm.encode([instructions[i] for i in idx])
         with torch.inference_mode():
             gen = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
@@ -164,6 +169,21 @@ def generate(lm: LoadedModel, instructions: list[str], max_new_tokens: int, batc
         texts = lm.tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         out.update(zip(idx, (t.strip() for t in texts)))   # stripped, as the paper stores and judges them
     return [out[i] for i in range(len(instructions))]
+
+
+def _batch_sizes(lm: LoadedModel, lengths: list[int], max_new_tokens: int, batch_size: int,
+                 max_batch_size: int | None) -> list[int]:
+    """Fixed `batch_size` batches, or on CUDA with `max_batch_size` batches sized from free memory: the least
+    free memory of the GPUs holding decoder blocks, each counted as if it held the most blocks any one holds."""
+    free = batching.cuda_free_for(lm.blocks()) if max_batch_size else None
+    if free is None:
+        return [min(batch_size, len(lengths) - s) for s in range(0, len(lengths), batch_size)]
+    free_bytes, layers = free
+    shape = replace(batching.GenShape.of(lm.model.config, lm.dtype, _takes_logits_to_keep(type(lm.model))),
+                    layers=layers)
+    sizes = batching.plan_batches(lengths, free_bytes, shape, max_new_tokens, max_batch_size)
+    logger.info("%s: generation batches %s from %.1f GB free", lm.spec.key, sizes, free_bytes / 1e9)
+    return sizes
 
 
 def label_of(dataset: str) -> str:
@@ -190,7 +210,7 @@ def run_eval(lm: LoadedModel, store: Store, job: EvalJob, d: Direction, judges: 
     instructions = [p.instruction for p in job.prompts]
     with intervention(lm, job.intervention, d, label_of(job.dataset)):
         scores = refusal_scores(last_logits(lm, instructions, job.batch_size), lm.refusal_token_ids).tolist()
-        responses = generate(lm, instructions, job.max_new_tokens, job.batch_size)
+        responses = generate(lm, instructions, job.max_new_tokens, job.batch_size, job.max_batch_size)
     cols: dict[str, list] = {k: [] for k in completions_schema().names}
     for judge in (_judge(lm, judges, name) for name in job.judges):
         if not judge.applies_to(label_of(job.dataset)):
