@@ -21,7 +21,7 @@ import pytest
 from benchmarks.common import Case, paired, ratio
 from benchmarks.gpu import fit_decode
 from benchmarks.run import GOALS
-from benchmarks.scale import PAPER_MODELS, Gpu, estimate, gpus_needed, makespan
+from benchmarks.scale import PAPER_MODELS, Gpu, estimate, free_bytes, gen_batches, gpus_needed, makespan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,9 +118,34 @@ def test_paper_model_sizes_and_gpu_counts():
     g = Gpu()
     assert gpus_needed(by_name["Llama-3-70B-Instruct"], g, 40) == 2
     assert gpus_needed(by_name["Yi-34B-chat"], g, 40) == 1
-    slow, fast = estimate(g, 40.0), estimate(Gpu(layer_overhead_ms=0.0, batch=100, eval_prompts_per_job=100), 40.0)
-    assert fast["hours_8_gpus"] < slow["hours_8_gpus"]
-    assert max(slow["stage_gpu_hours"], key=slow["stage_gpu_hours"].get) == "evaluate"
+    fixed, sized = estimate(Gpu(fixed_batch=True), 40.0, 80), estimate(g, 40.0, 80)
+    fast = estimate(Gpu(layer_overhead_ms=0.0, eval_prompts_per_job=100), 40.0, 80)
+    assert fast["hours_8_gpus"] < sized["hours_8_gpus"] < fixed["hours_8_gpus"]
+    assert max(fixed["stage_gpu_hours"], key=fixed["stage_gpu_hours"].get) == "evaluate"
+
+
+def test_scale_sizes_generation_batches_from_the_memory_the_weights_leave():
+    """Free memory and batch sizes written out from the public configs (bf16, 141 GB per H200, 1 GB context)."""
+    by_name, g = {a.name: a for a in PAPER_MODELS}, Gpu()
+    # Llama-3-8B on one GPU: params 32 x (4096 x (2x32x128 + 2x8x128) + 3 x 4096 x 14336) + 2 x 4096 x 128256
+    params = 32 * (4096 * 10240 + 3 * 4096 * 14336) + 2 * 4096 * 128256
+    assert params == 8_029_995_008
+    snapshot = 2 * (4096 * 128256 + 32 * 4096 * (32 * 128 + 14336))   # embeddings, attention-out, MLP-down
+    assert free_bytes(by_name["Llama-3-8B-Instruct"], g, 1) == 141_000_000_000 - 2 * params - snapshot - 10**9
+    assert gen_batches(by_name["Llama-3-8B-Instruct"], g, 1, 50, 80) == [50]     # ~560 fit: the job's 50
+    # Qwen-72B (no GQA: 64 kv heads) on two GPUs, 40 layers each, remote code (every prompt position's logits,
+    # config intermediate_size 49152 = 2 x 24576), longest prompt 80 tokens + 512 new = 592
+    params = 80 * (8192 * 4 * 64 * 128 + 3 * 8192 * 24576) + 2 * 8192 * 152064
+    snapshot = 2 * (8192 * 152064 + 80 * 8192 * (64 * 128 + 24576))
+    free = 141_000_000_000 - (2 * params + snapshot) // 2 - 10**9
+    assert free == 44_994_820_096
+    kv = 2 * 64 * 128 * 2 * 592 * (40 + 1)
+    logits = 80 * 152064 * (2 + 4) + 152064 * 4
+    work = 80 * (4 * 8192 + 3 * 64 * 128 + 3 * 49152) * 2 + 64 * 80 * 592 * (2 + 4)
+    fit = int((0.6 * free - 2**30) // (kv + logits + work))
+    assert fit == 28
+    assert gen_batches(by_name["Qwen-72B-chat"], g, 2, 50, 80) == [28, 22]
+    assert gen_batches(by_name["Qwen-72B-chat"], Gpu(fixed_batch=True), 2, 50, 80) == [32, 18]
 
 
 def test_decode_fit_recovers_bandwidth_and_overhead():
