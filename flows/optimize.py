@@ -269,6 +269,7 @@ def _eval_jobs(spec: RunSpec, key: str, draw, row: dict, position: int) -> list[
         jobs.append(TrialEvalJob(run_id=spec.run_id, model=spec.model(key), store=spec.store, dataset=EVAL_DATASET,
                                  index=index, trial=row["trial"], params=params, position=position, prompts=part,
                                  max_new_tokens=spec.generation.max_new_tokens, batch_size=spec.generation.batch_size,
+                                 max_batch_size=spec.generation.max_batch_size,   # not in the digest (hardware)
                                  judges=spec.evaluation.judges, input_digest=digest))
     return jobs
 

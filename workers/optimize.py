@@ -298,7 +298,7 @@ def run_trial_eval(lm: LoadedModel, store: Store, job: TrialEvalJob, vec: TrialV
     instructions = [p.instruction for p in job.prompts]
     with weighted_orthogonalized(lm, r, params.layer_weights(lm.n_layers)):
         scores = refusal_scores(last_logits(lm, instructions, job.batch_size), lm.refusal_token_ids).tolist()
-        responses = generate(lm, instructions, job.max_new_tokens, job.batch_size)
+        responses = generate(lm, instructions, job.max_new_tokens, job.batch_size, job.max_batch_size)
     rows = []
     for name in job.judges:
         judge = _judge(lm, judges, name)
