@@ -7,6 +7,7 @@
 - transformers' generate asks the forward for the last position's logits only (what the count assumes).
 - `generate` on CPU keeps fixed batches when max_batch_size is set; with free memory stubbed, batches grow
   up to max_batch_size and the completions stay those of each prompt generated alone.
+- An actor on half a GPU (Ray's fractional num_gpus) counts half the free memory as its own (slow: Ray).
 """
 
 import functools
@@ -138,3 +139,18 @@ def test_generate_sizes_batches_from_free_memory(monkeypatch):
     assert _batches(lm, monkeypatch, batch_size=2) == (alone, [2, 2, 2])      # no max_batch_size: fixed
     monkeypatch.setattr(batching, "cuda_free_for", lambda blocks: (GIB, len(blocks)))   # under the reserve
     assert _batches(lm, monkeypatch, batch_size=2, max_batch_size=256) == (alone, [1] * 6)
+
+
+@pytest.mark.slow    # starts a Ray cluster in a child process: 15-45 s on 2 cores
+def test_an_actor_on_half_a_gpu_sizes_from_half_the_free_memory():
+    """Ray's own fractional GPU assignment (a local cluster that declares one GPU; nothing runs on it)."""
+    import subprocess
+    import sys
+
+    code = ("import ray; from refdir.workers.batching import gpu_share\n"
+            "ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)\n"
+            "f = lambda: gpu_share()\n"
+            "print(ray.get([ray.remote(num_gpus=g, num_cpus=0)(f).remote() for g in (0.5, 1)]), gpu_share())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[0.5, 1.0] 1.0"

@@ -18,7 +18,8 @@ CONSERVATIVELY, so a batch it sizes fits with room to spare:
   model's dtype plus float32 (sdpa/flash kernels never materialise them).
 
 Only `SAFETY` (60 %) of the free memory, less `RESERVE_BYTES` (1 GiB: the caching allocator's fragmentation
-as the cache grows, cuBLAS workspaces), is handed out.
+as the cache grows, cuBLAS workspaces), is handed out; an actor holding a fraction of a GPU (Ray's fractional
+`num_gpus`) counts only that fraction of the free memory as its own.
 """
 
 from __future__ import annotations
@@ -116,4 +117,19 @@ def cuda_free_for(blocks: list[torch.nn.Module]) -> tuple[int, int] | None:
     cuda = {d: n for d, n in per_device.items() if d.type == "cuda"}
     if not cuda:
         return None
-    return min(free_cuda_bytes(d) for d in cuda), max(cuda.values())
+    return int(min(free_cuda_bytes(d) for d in cuda) * gpu_share()), max(cuda.values())
+
+
+def gpu_share() -> float:
+    """This process's share of its GPU: Ray's fractional assignment (compute.gpus_per_worker = 0.5: two actors
+    share a GPU, each may size batches from half of what is free), else 1."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            share = ray.get_runtime_context().get_assigned_resources().get("GPU")
+            if share:
+                return min(1.0, float(share))
+    except Exception:  # noqa: BLE001 - outside a Ray worker (tests, benchmarks): the whole GPU
+        pass
+    return 1.0
