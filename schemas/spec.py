@@ -124,7 +124,7 @@ class EvaluationSpec(_Frozen):
     """What is evaluated after selection."""
 
     judges: list[str] = Field(["substring"], description="Judges: 'substring' always; classifier judges as 'hf-classifier:PATH' or 'llamaguard:PATH' (Llama Guard judges harmful test prompts only, as in the paper).")
-    prompts_per_job: int = Field(50, ge=1, description="Prompts per evaluation job.")
+    prompts_per_job: int = Field(100, ge=1, description="Prompts per evaluation job: 100 = one job per (test set, intervention) at the paper's 100 test prompts, one generation batch where GPU memory allows; lower it when a model has more actors than evaluation jobs (8 at the default n_test); runs made before 100 became the default resume with prompts_per_job = 50.")
     ce_pile_source: str = Field("builtin:pile_like", description="Plain-text documents for ce_pile: builtin:pile_like (short texts refdir wrote, NOT the Pile), file:PATH or hf:DATASET (paper: hf:monology/pile-uncopyrighted).")
     ce_alpaca_source: str = Field("builtin:alpaca_like", description="Instruction/output pairs for ce_alpaca: builtin:alpaca_like (pairs refdir wrote, NOT Alpaca), file:PATH or hf:DATASET (paper: hf:tatsu-lab/alpaca).")
     ce_n: int = Field(64, ge=1, description="Documents and pairs used per CE metric (paper: 256 batches of 16).")

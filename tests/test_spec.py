@@ -261,11 +261,46 @@ def test_run_id_needs_resolved_inputs_and_a_stored_id_wins():
 @pytest.mark.parametrize("field, value", [
     ("prompts.seed", 7), ("prompts.n_train", 64), ("selection.kl_threshold", 0.2), ("generation.max_new_tokens", 64),
     ("extraction.activation_dtype", "float32"), ("evaluation.judges", ["substring", "llamaguard:/models/guard"]),
-    ("models.0.dtype", "bfloat16"), ("models.0.key", "m2"), ("name", "other"),
+    ("evaluation.prompts_per_job", 50), ("models.0.dtype", "bfloat16"), ("models.0.key", "m2"), ("name", "other"),
 ])
 def test_run_id_changes_with_result_fields(field, value):
     inputs = {**INPUTS, "models": {"m2" if value == "m2" else "m": INPUTS["models"]["m"]}}
     assert _run_id(parse_spec(_spec_dict(**{field: value})), inputs) != _run_id(parse_spec(_spec_dict()))
+
+
+def test_a_run_made_with_50_prompts_per_evaluation_job_keeps_its_id_when_its_spec_says_50():
+    """evaluation.prompts_per_job's default went from 50 to 100: a spec that leaves it unset gets a new run id,
+    one that sets 50 gets the id it had before. The id is the one refdir computed for this spec at commit
+    13f8d84, when 50 was the default (the spec unchanged, prompts_per_job unset)."""
+    old = parse_spec(_spec_dict(**{"evaluation.prompts_per_job": 50}))
+    assert _run_id(old) == "t-585f54d4e8"
+    assert _run_id(parse_spec(_spec_dict())) != "t-585f54d4e8"
+
+
+def test_evaluation_plans_one_job_per_test_set_and_intervention_at_the_papers_sizes():
+    """The paper's test sets hold 100 prompts each (JailbreakBench's 100 behaviours; 100 harmless, n_test = 100 in
+    andyrdt/refusal_direction's config): by default each (test set, intervention) is one job holding all 100;
+    at 50 per job (the SmolLM2 organism's spec) two jobs of 50."""
+    from refdir.flows import plan
+    from refdir.schemas.jobs import Prompt
+
+    paper_test_prompts = 100
+
+    class Draw:
+        def split(self, split, label):
+            assert split == "test"
+            return [Prompt(prompt_id=i, instruction=f"{label} {i}") for i in range(paper_test_prompts)]
+
+    for per_job, sizes in ((None, [100]), (50, [50, 50])):
+        changes = {} if per_job is None else {"evaluation.prompts_per_job": per_job}
+        spec = parse_spec(_spec_dict(**changes)).with_inputs(INPUTS)
+        jobs = plan.eval_jobs(spec, spec.models[0], Draw())
+        pairs = {(j.dataset, j.intervention) for j in jobs}
+        assert {d for d, _ in pairs} == {"harmful_test", "harmless_test"}
+        for pair in pairs:
+            mine = sorted((j for j in jobs if (j.dataset, j.intervention) == pair), key=lambda j: j.index)
+            assert [len(j.prompts) for j in mine] == sizes, (per_job, pair)
+            assert [p.prompt_id for j in mine for p in j.prompts] == list(range(paper_test_prompts))
 
 
 def test_run_id_changes_with_the_inputs_content():
