@@ -264,3 +264,92 @@ def test_shell_line_editing_in_a_terminal(tmp_path):
         if proc.poll() is None:
             proc.kill()
         os.close(main)
+
+
+# ---------------------------------------------------------------- views follow the store between queries
+
+def _write_parquet(path, values: list[int]) -> None:
+    """A file written by pyarrow (not refdir), atomically, as a writer replaces a file."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-test"
+    pq.write_table(pa.table({"v": pa.array(values, pa.int64())}), tmp, compression="none", use_dictionary=False)
+    os.replace(tmp, path)
+
+
+def test_each_query_sees_the_store_as_it_is_now(tmp_path, caplog):
+    """Connections share the process's DuckDB instance (footers parsed once), yet every query sees the store as
+    it is: a shard counts once its done-marker exists, a rewritten file is read anew (same size and a new
+    size), a file truncated after it was read is left out with its warning, temp objects stay per connection."""
+    from refdir.flows.sql import close_databases
+
+    store = Store.open(str(tmp_path / "store"))
+    run, model = "demo-0123abcd", "org-a"
+    shard = layout.completion_shard(run, model, "harmful_test", "baseline", 0)
+    marker = layout.completion_marker(run, model, "harmful_test", "baseline", 0)
+    evals = store.url(layout.evals_table(run, model, "harmful_test", "baseline"))
+    _write_parquet(store.url(shard), [1, 2, 3])
+    _write_parquet(evals, [10, 20])
+
+    def one(q: str):
+        return json.loads(run_sql(store, q, "json"))
+
+    close_databases()                                   # start from a fresh instance, like a new process
+    with pytest.raises(SqlError, match="no completions stored yet"):
+        run_sql(store, "SELECT count(*) FROM completions")   # data without its marker: not served
+    store.write_bytes(marker, b'{"job_id": "x"}')
+    assert one("SELECT sum(v) AS s FROM completions") == [{"s": 6}]
+    assert one("SELECT sum(v) AS s FROM evals") == [{"s": 30}]
+    _write_parquet(evals, [11, 21])                    # same size, other values
+    assert one("SELECT sum(v) AS s FROM evals") == [{"s": 32}]
+    _write_parquet(evals, [1, 2, 3, 4])                # other size
+    assert one("SELECT sum(v) AS s, count(*) AS n FROM evals") == [{"s": 10, "n": 4}]
+    blob = open(evals, "rb").read()
+    open(evals, "wb").write(blob[: len(blob) // 2])   # truncated after DuckDB parsed its footer
+    with caplog.at_level("WARNING", logger="refdir.flows.sql"):
+        with pytest.raises(SqlError, match="no evals stored yet"):
+            run_sql(store, "SELECT count(*) FROM evals")
+    assert [r for r in caplog.records if "skipping unreadable" in r.getMessage() and evals in r.getMessage()]
+    assert one("SELECT sum(v) AS s FROM completions") == [{"s": 6}]   # the other views still answer
+    a, b = connect_views(store), connect_views(store)
+    try:
+        a.execute("CREATE TEMP TABLE mine AS SELECT 1 AS x")
+        with pytest.raises(Exception, match="mine"):
+            b.execute("SELECT * FROM mine")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_local_reader_is_read_only_and_fast_path_agrees(tmp_path):
+    """The local store's read-only filesystem answers DuckDB's per-file calls like fsspec's LocalFileSystem does,
+    and refuses every write, delete and folder creation."""
+    import os
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    from refdir.flows.sql import _read_only_fs
+
+    store = Store.open(str(tmp_path / "s"))
+    store.write_bytes("runs/a/b.bin", b"0123456789")
+    fs, ref = _read_only_fs(store), LocalFileSystem()
+    path = store.url("runs/a/b.bin")
+    ro = "refdirro://" + path
+    assert fs.glob(ro) == ref.glob(path) == [path]
+    assert fs.glob("refdirro://" + store.url("runs/a/nothing.bin")) == []
+    assert fs.size(ro) == ref.size(path) == 10 and fs.exists(ro) and not fs.exists(ro + "x")
+    assert fs.modified(ro) == ref.modified(path)
+    with fs.open(ro, "rb") as f:
+        f.seek(-4, 2)
+        assert f.read() == b"6789" and f.tell() == 10
+        f.seek(2)
+        assert f.read(3) == b"234" and not f.writable()
+    for call in (lambda: fs.open(ro, "wb"), lambda: fs.open(ro, "ab"), lambda: fs.open(ro, "r+b"),
+                 lambda: fs.rm(ro), lambda: fs.mkdir("refdirro://" + store.url("runs/new")),
+                 lambda: fs.mv(ro, ro + ".moved"), lambda: fs.touch(ro)):
+        with pytest.raises(PermissionError):
+            call()
+    assert open(path, "rb").read() == b"0123456789" and sorted(os.listdir(os.path.dirname(path))) == ["b.bin"]
