@@ -110,7 +110,7 @@ class Gpu:
     max_batch: int = 256             # GenerationSpec.max_batch_size: generation batches sized from free memory
     fixed_batch: bool = False        # True: generation at `batch` (refdir before memory-sized batches)
     context_gb: float = 1.0          # CUDA context, cuBLAS workspaces: not free for batches
-    eval_prompts_per_job: int = 50   # EvaluationSpec.prompts_per_job
+    eval_prompts_per_job: int = 100  # EvaluationSpec.prompts_per_job
     stage_overhead_s: float = 2.0    # Prefect task + Ray dispatch per stage per model
     source: str = "assumed"
 
@@ -243,13 +243,12 @@ def bench_scale(lm, *, quick: bool = False, gpu: dict | None = None) -> dict:
     out = {"estimate": True, "goal_h": GOAL_H, "assumptions": {**asdict(g), "stated": STATED}, "prompt_tokens": t,
            "longest_prompt_tokens": longest, "new_tokens": NEW_TOKENS, **estimate(g, t, longest)}
     out["generation_batches"] = {r["model"]: r["generation_batches"] for r in out["models"]}
-    jobs100 = dict(eval_prompts_per_job=100)
     out["what_it_takes"] = {   # the same estimate with one of today's settings or costs changed
         "fixed generation batch 32 (refdir before memory-sized batches)":
             estimate(replace(g, fixed_batch=True), t, longest)["hours_8_gpus"],
+        "evaluation.prompts_per_job 50 (the default before 100)":
+            estimate(replace(g, eval_prompts_per_job=50), t, longest)["hours_8_gpus"],
         "decode without the per-layer cost (compiled static-cache step)":
-            estimate(replace(g, layer_overhead_ms=0.0), t, longest)["hours_8_gpus"],
-        "evaluation.prompts_per_job 100 (one batch of 100)": estimate(replace(g, **jobs100), t, longest)["hours_8_gpus"],
-        "both": estimate(replace(g, layer_overhead_ms=0.0, **jobs100), t, longest)["hours_8_gpus"]}
+            estimate(replace(g, layer_overhead_ms=0.0), t, longest)["hours_8_gpus"]}
     logger.info("scale estimate: 13 models on %d GPUs %.2f h (goal %.1f h)", N_GPUS, out["hours_8_gpus"], GOAL_H)
     return out

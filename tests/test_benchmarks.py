@@ -119,8 +119,9 @@ def test_paper_model_sizes_and_gpu_counts():
     assert gpus_needed(by_name["Llama-3-70B-Instruct"], g, 40) == 2
     assert gpus_needed(by_name["Yi-34B-chat"], g, 40) == 1
     fixed, sized = estimate(Gpu(fixed_batch=True), 40.0, 80), estimate(g, 40.0, 80)
-    fast = estimate(Gpu(layer_overhead_ms=0.0, eval_prompts_per_job=100), 40.0, 80)
-    assert fast["hours_8_gpus"] < sized["hours_8_gpus"] < fixed["hours_8_gpus"]
+    jobs50 = estimate(Gpu(eval_prompts_per_job=50), 40.0, 80)      # two batches per (test set, intervention)
+    fast = estimate(Gpu(layer_overhead_ms=0.0), 40.0, 80)
+    assert fast["hours_8_gpus"] < sized["hours_8_gpus"] < jobs50["hours_8_gpus"] < fixed["hours_8_gpus"]
     assert max(fixed["stage_gpu_hours"], key=fixed["stage_gpu_hours"].get) == "evaluate"
 
 
@@ -133,6 +134,7 @@ def test_scale_sizes_generation_batches_from_the_memory_the_weights_leave():
     snapshot = 2 * (4096 * 128256 + 32 * 4096 * (32 * 128 + 14336))   # embeddings, attention-out, MLP-down
     assert free_bytes(by_name["Llama-3-8B-Instruct"], g, 1) == 141_000_000_000 - 2 * params - snapshot - 10**9
     assert gen_batches(by_name["Llama-3-8B-Instruct"], g, 1, 50, 80) == [50]     # ~560 fit: the job's 50
+    assert gen_batches(by_name["Llama-3-8B-Instruct"], g, 1, 100, 80) == [100]   # the paper's 100 test prompts
     # Qwen-72B (no GQA: 64 kv heads) on two GPUs, 40 layers each, remote code (every prompt position's logits,
     # config intermediate_size 49152 = 2 x 24576), longest prompt 80 tokens + 512 new = 592
     params = 80 * (8192 * 4 * 64 * 128 + 3 * 8192 * 24576) + 2 * 8192 * 152064
@@ -145,6 +147,7 @@ def test_scale_sizes_generation_batches_from_the_memory_the_weights_leave():
     fit = int((0.6 * free - 2**30) // (kv + logits + work))
     assert fit == 28
     assert gen_batches(by_name["Qwen-72B-chat"], g, 2, 50, 80) == [28, 22]
+    assert gen_batches(by_name["Qwen-72B-chat"], g, 2, 100, 80) == [28, 28, 28, 16]
     assert gen_batches(by_name["Qwen-72B-chat"], Gpu(fixed_batch=True), 2, 50, 80) == [32, 18]
 
 
