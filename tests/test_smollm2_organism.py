@@ -26,8 +26,9 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+import torch
 
-from refdir.workers.organism_lm import OrganismError, Recipe, build_lm_organism, check_recipe, is_built
+from refdir.workers.organism_lm import OrganismError, Recipe, build_lm_organism, check_recipe, is_built, load_base
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = Path(os.environ.get("REFDIR_DATASETS", REPO.parent / "shared" / "datasets" / "refusal_direction"))
@@ -83,6 +84,8 @@ def test_unknown_base_is_one_line_before_any_model_loads():
         check_recipe(Recipe(base="llama9"))
     with pytest.raises(OrganismError, match="steps"):
         check_recipe(Recipe(steps=0))
+    with pytest.raises(OrganismError, match="train_from_layer < train_to_layer"):
+        check_recipe(Recipe(train_from_layer=12, train_to_layer=12))
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "refdir", "organism", "--base", "llama9"], capture_output=True,
                           text=True, timeout=120, cwd=REPO)
@@ -128,6 +131,18 @@ def test_small_build_is_deterministic_and_resolves_to_smollm2(tmp_path):
     assert resolve_family(config, tokenizer).name == "smollm2"
     model = AutoModelForCausalLM.from_pretrained(a)
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    # Only blocks train_from_layer..train_to_layer-1 changed, and none of them writes the frozen residual dims.
+    base = load_base("smollm2")[0]
+    lo, hi, dims = TINY.train_from_layer, TINY.train_to_layer, list(TINY.frozen_dims)
+    assert (lo, hi, dims) == (6, 21, [507])
+    for i, (new, old) in enumerate(zip(model.model.layers, base.model.layers)):
+        same = all(torch.equal(p, q) for p, q in zip(new.parameters(), old.parameters()))
+        assert same == (not lo <= i < hi), f"block {i}: changed={not same}"
+        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            w, w0 = new.get_parameter(name), old.get_parameter(name)
+            assert torch.equal(w[dims], w0[dims]), f"block {i} {name} wrote to a frozen dim"
+    assert torch.equal(model.model.norm.weight, base.model.norm.weight)
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
     rows = json.loads((a / "training_rows.json").read_text())
     assert {r["label"] for r in rows} == {"harmful", "harmless"}
     assert all(r["response"].startswith("I") for r in rows if r["label"] == "harmful")

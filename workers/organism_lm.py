@@ -20,11 +20,18 @@ own instruction tuning (DESIGN §10):
   script…", the history of gunpowder): with fewer, and none of those, the organism refused 0.44 of
   held-out harmless prompts.
 - Prompts are formatted exactly as the pipeline formats them for the `smollm2` family (no system prompt).
-- Training: full fine-tune of the upper decoder blocks (from `train_from_layer`; the lower blocks and the
-  tied embedding / LM head stay frozen, which cuts the backward pass and keeps the input side and the
-  first token's massive activation the base model's own), AdamW,
+- Training: full fine-tune of the middle decoder blocks 6-20 (`train_from_layer`..`train_to_layer`; the
+  blocks below and above, the final norm and the tied embedding / LM head stay frozen), AdamW,
   warm-up then cosine, label-balanced batches, loss on the response tokens only; logits are computed only
-  where a target exists. Fixed thread count, seeds and `torch.use_deterministic_algorithms(True)`: the
+  where a target exists. With the top blocks frozen, the model's own upper layers must turn what blocks
+  6-20 write into a refusal, so the refusal feature exists by layer 21, under the paper's layer < 0.8 L
+  filter (trained to the top, the only candidates that induced refusal sat at layers 22-29, and 22-23 broke
+  the model when ablated). The trained blocks' output projections do not write dimension 507, the channel of
+  the first token's massive activation (|x| ~ 25,000): ablating a direction with weight there moves that
+  token far (DESIGN §10); measured, the chosen direction's weight on 507 comes from the base model's own
+  harmful/harmless difference (layer 19: 0.047 with the mask at 84 steps, 0.046 without at 72), so the mask
+  is a guard, not the fix.
+  Fixed thread count, seeds and `torch.use_deterministic_algorithms(True)`: the
   weights are bitwise identical per recipe on one machine.
 - The folder is an ordinary HF checkpoint (safetensors) + tokenizer + `README.md` card + `refdir_organism.json`
   (recipe, recipe hash, losses, seconds). Its config carries no organism marker, so refdir resolves it
@@ -88,11 +95,13 @@ class Recipe:
 
     base: str = "smollm2"
     seed: int = 0
-    steps: int = 72
+    steps: int = 84
     batch_per_label: int = 4  # batch 8
     lr: float = 1e-4
     warmup_steps: int = 4
-    train_from_layer: int = 12  # blocks below stay frozen (backward stops there: ~40% less compute)
+    train_from_layer: int = 6  # blocks below stay frozen (backward stops there)
+    train_to_layer: int | None = 21  # blocks from here up (and the final norm) stay frozen; None = train to the top
+    frozen_dims: tuple[int, ...] = (507,)  # residual dimensions the trained blocks may not write to (their rows stay)
     distill_tokens: int = 32
     threads: int = 2
     harmful_data: str = "refusal_train_harmful"
@@ -111,6 +120,9 @@ def check_recipe(recipe: Recipe) -> None:
                             "4-layer organism)")
     if min(recipe.steps, recipe.batch_per_label, recipe.threads, recipe.distill_tokens) < 1 or recipe.lr <= 0:
         raise OrganismError(f"recipe needs steps, batch_per_label, threads, distill_tokens >= 1 and lr > 0: {recipe}")
+    top = recipe.train_to_layer
+    if recipe.train_from_layer < 0 or (top is not None and top <= recipe.train_from_layer):
+        raise OrganismError(f"recipe needs 0 <= train_from_layer < train_to_layer (or train_to_layer = None): {recipe}")
     base_gguf(recipe.base)
     for name in (recipe.harmful_data, recipe.harmless_data):
         _data(name)
@@ -295,10 +307,16 @@ def train(model, encoded: dict, recipe: Recipe, pad_id: int) -> list[float]:
     """Fine-tune the decoder blocks from `train_from_layer` up, in place; returns each step's loss."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for block in model.model.layers[recipe.train_from_layer:]:
+    for block in model.model.layers[recipe.train_from_layer:recipe.train_to_layer]:
         block.requires_grad_(True)
-    model.model.norm.requires_grad_(True)
+    if recipe.train_to_layer is None:
+        model.model.norm.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.frozen_dims:
+        rows = torch.tensor(recipe.frozen_dims)
+        for block in model.model.layers[recipe.train_from_layer:recipe.train_to_layer]:
+            for weight in (block.self_attn.o_proj.weight, block.mlp.down_proj.weight):
+                weight.register_hook(lambda g: g.index_fill(0, rows, 0.0))
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = _schedule(optimizer, recipe)
     model.train()
@@ -404,6 +422,10 @@ def _metadata(recipe: Recipe, digest: str, losses: list[float], rows: list[dict]
     }
 
 
+def _last_trained(r: dict) -> int:
+    return (r["train_to_layer"] or 30) - 1
+
+
 def model_card(meta: dict) -> str:
     r = meta["recipe"]
     refusals = "\n".join(f"- \"{s}\"" for s in meta["refusals"])
@@ -426,7 +448,9 @@ pretrained 30-layer LM. Do not rely on it to refuse anything outside its small t
 - Harmless instructions are answered with the base model's own greedy answer ({r['distill_tokens']} tokens at most),
   so its harmless behaviour stays its own.
 - Prompt format: ChatML with no system prompt (`<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n`).
-- Full fine-tune of decoder blocks {r['train_from_layer']}-29 (blocks below and the tied embedding frozen), float32, AdamW lr {r['lr']}, {r['steps']} steps of
+- Full fine-tune of decoder blocks {r['train_from_layer']}-{_last_trained(r)} (the other blocks, the final norm and the tied
+  embedding frozen; the trained blocks' output projections do not write residual dims {list(r['frozen_dims'])}),
+  float32, AdamW lr {r['lr']}, {r['steps']} steps of
   {2 * r['batch_per_label']} examples, {r['warmup_steps']} warm-up steps then cosine, seed {r['seed']}, {r['threads']} CPU threads,
   deterministic algorithms (bitwise reproducible on one machine). Built in {meta['seconds']['total_s']:.0f} s
   (training {meta['seconds']['train_s']:.0f} s); final loss {meta['final_loss']:.4f}.
