@@ -55,6 +55,7 @@ INFO = {"extraction_stream_ratio": ("extraction", "stream_ratio"), "extraction_c
         "aggregation_vs_reading_inputs": ("aggregation", "ratio"), "aggregation_s": ("aggregation", "refdir_s"),
         "hook_generation_ratio": ("generation", "hook_generation_ratio"),
         "hook_actadd_generation_ratio": ("generation", "hook_actadd_generation_ratio"),
+        "sql_cold_ratio": ("sql", "cold_ratio"),
         "resume_jobs_recomputed_of_k": ("rerun", "jobs_recomputed"), "rerun_files_changed": ("rerun", "rerun_files_changed")}
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.services import worker_pids
 from refdir.flows import plan
 from refdir.flows.runner import execute
 from refdir.schemas import layout
@@ -157,13 +158,6 @@ def test_bad_model_path_reported_while_other_lands(prefect_api, ray_cluster, org
                                                                       layout.error_log(r, "missing")}
 
 
-def _worker_pids() -> list[int]:
-    import psutil
-
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("ModelWorker" in part for part in (p.info["cmdline"] or []))]
-
-
 def test_sigkill_worker_mid_extraction(prefect_api, ray_cluster, organism_dir, tmp_path):
     spec = make_spec("killworker", [ModelSpec(key="organism", path=str(organism_dir))], str(tmp_path / "store"),
                      prompts_per_job=2)
@@ -174,8 +168,8 @@ def test_sigkill_worker_mid_extraction(prefect_api, ray_cluster, organism_dir, t
     def killer() -> None:
         deadline = time.time() + 120
         while time.time() < deadline:
-            if len(store.glob(f"{markers}/*.json")) >= 3 and _worker_pids():
-                pid = _worker_pids()[0]
+            if len(store.glob(f"{markers}/*.json")) >= 3 and worker_pids():
+                pid = worker_pids()[0]
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 return

@@ -9,8 +9,8 @@
   sets when the paper's splits are absent.
 
 The full recipe and the science run itself are `make science` (README "A refusal organism from a real LM"),
-too long for CI: two builds of the shipped recipe take ~12 minutes on 2 cores, so the determinism test uses
-a small recipe (two builds of the shipped recipe, eba3a6ba9c4a, gave the same sha256 on 2026-12-03).
+too long for CI: two builds of the shipped recipe take ~10 minutes on 2 cores, so the determinism test uses
+a small recipe (two builds of the shipped recipe, 042dbf482955, gave the same sha256 a0468802... on 2026-12-03).
 """
 
 from __future__ import annotations

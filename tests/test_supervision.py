@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.services import worker_pids
 from refdir.workers.pool import (ActorStartError, Interrupted, JobsFailed, StoreOutage, WorkerPool, clear_stop,
                                  request_stop)
 
@@ -157,14 +158,6 @@ def test_cli_refuses_an_actor_that_fits_no_node(organism_dir, tmp_path):
     assert "starting a local Ray cluster" not in proc.stderr          # refused before Ray starts
 
 
-def _worker_pids() -> list[int]:
-    """Live processes running a ModelWorker actor (Ray titles them `ray::ModelWorker...`)."""
-    import psutil
-
-    return [p.pid for p in psutil.process_iter(["cmdline", "status"])
-            if (p.info["cmdline"] or [""])[0].startswith("ray::ModelWorker") and p.info["status"] != psutil.STATUS_ZOMBIE]
-
-
 @pytest.mark.slow
 def test_worker_killed_four_times_in_one_stage(prefect_api, ray_cluster, organism_dir, tmp_path):
     """Four SIGKILLs of the model's worker process during extraction: Ray restarts it twice, then the pool
@@ -186,7 +179,7 @@ def test_worker_killed_four_times_in_one_stage(prefect_api, ray_cluster, organis
         seen, deadline = 0, time.time() + 300
         while time.time() < deadline and len(killed) < 4:
             n = len(store.glob(f"{markers}/*.json"))
-            pids = [p for p in _worker_pids() if p not in killed]
+            pids = [p for p in worker_pids() if p not in killed]
             if n >= seen + 2 and pids:                 # a live worker that finished work since the last kill
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
