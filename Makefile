@@ -32,7 +32,7 @@ demo: setup
 # per recipe) and runs the paper's procedure on it; prints the paper's table and the acceptance figures, or, when
 # no candidate passes the paper's filters, stops at selection with the best candidates and why each was dropped
 # (`refdir demo --organism smollm2 --allow-fallback` then finishes the same run with the best bypass, marked
-# FALLBACK). ~45 minutes on 2 cores.
+# FALLBACK). ~60-70 minutes on 2 cores.
 science: setup
 	$(BIN)/refdir demo --organism smollm2 --plain
 
