@@ -24,7 +24,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, replace
 
-from refdir.workers.batching import GenShape, plan_batches
+from refdir.workers.batching import GenShape, fixed_batches, plan_batches
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def free_bytes(a: Arch, g: Gpu, n: int) -> int:
 def gen_batches(a: Arch, g: Gpu, n: int, prompts: int, longest: int) -> list[int]:
     """Generation batch sizes of one job: refdir's sizing from free memory for its longest prompt (or fixed)."""
     if g.fixed_batch:
-        return [min(g.batch, prompts - s) for s in range(0, prompts, g.batch)]
+        return fixed_batches(prompts, g.batch)
     return plan_batches([longest] * prompts, free_bytes(a, g, n), a.gen_shape(n), NEW_TOKENS, g.max_batch)
 
 

@@ -88,6 +88,11 @@ def batch_size_for(free_bytes: int, s: GenShape, prompt_tokens: int, max_new_tok
     return max(1, min(fit, n_prompts, max_batch))
 
 
+def fixed_batches(n_prompts: int, batch_size: int) -> list[int]:
+    """Sizes of `batch_size` batches over `n_prompts` (the last one holds the rest): refdir off CUDA."""
+    return [min(batch_size, n_prompts - s) for s in range(0, n_prompts, batch_size)]
+
+
 def plan_batches(lengths: list[int], free_bytes: int, s: GenShape, max_new_tokens: int, max_batch: int,
                  safety: float = SAFETY, reserve: int = RESERVE_BYTES) -> list[int]:
     """Batch sizes over prompts sorted by token length (ascending), each sized for the longest prompt it

@@ -177,7 +177,7 @@ def _batch_sizes(lm: LoadedModel, lengths: list[int], max_new_tokens: int, batch
     free memory of the GPUs holding decoder blocks, each counted as if it held the most blocks any one holds."""
     free = batching.cuda_free_for(lm.blocks()) if max_batch_size else None
     if free is None:
-        return [min(batch_size, len(lengths) - s) for s in range(0, len(lengths), batch_size)]
+        return batching.fixed_batches(len(lengths), batch_size)
     free_bytes, layers = free
     shape = replace(batching.GenShape.of(lm.model.config, lm.dtype, _takes_logits_to_keep(type(lm.model))),
                     layers=layers)
