@@ -307,14 +307,15 @@ def train(model, encoded: dict, recipe: Recipe, pad_id: int) -> list[float]:
     """Fine-tune the decoder blocks from `train_from_layer` up, in place; returns each step's loss."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for block in model.model.layers[recipe.train_from_layer:recipe.train_to_layer]:
+    trained = model.model.layers[recipe.train_from_layer:recipe.train_to_layer]
+    for block in trained:
         block.requires_grad_(True)
     if recipe.train_to_layer is None:
         model.model.norm.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     if recipe.frozen_dims:
         rows = torch.tensor(recipe.frozen_dims)
-        for block in model.model.layers[recipe.train_from_layer:recipe.train_to_layer]:
+        for block in trained:
             for weight in (block.self_attn.o_proj.weight, block.mlp.down_proj.weight):
                 weight.register_hook(lambda g: g.index_fill(0, rows, 0.0))
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.0)
