@@ -359,8 +359,19 @@ def _create_view(con: duckdb.DuckDBPyConnection, store: Store, name: str, files:
     con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM read_parquet([{paths}], hive_partitioning = false)")
 
 
-_DATABASES: dict[tuple, duckdb.DuckDBPyConnection] = {}   # one locked-down DuckDB instance per store, per process
-_DATABASES_LOCK = threading.Lock()
+# One locked-down DuckDB instance per store, per process. A forked child (Ray starts its GCS and raylet with a
+# preexec_fn, so the parent's Python state runs on in the child until exec) must neither use nor free the
+# parent's instances: freeing one runs DuckDB's destructor on threads and locks that do not exist in the child
+# (it segfaulted there). So the cache is keyed by pid, and a child sets its parent's aside, never freed.
+_DATABASES: dict = {"pid": os.getpid(), "dbs": {}, "lock": threading.Lock()}
+_INHERITED: list[dict] = []    # the parents' caches in a forked child: kept referenced so no destructor runs
+
+
+def _databases() -> dict:
+    if _DATABASES["pid"] != os.getpid():
+        _INHERITED.append(dict(_DATABASES["dbs"]))
+        _DATABASES.update(pid=os.getpid(), dbs={}, lock=threading.Lock())
+    return _DATABASES
 
 
 def _database(store: Store) -> duckdb.DuckDBPyConnection:
@@ -371,8 +382,9 @@ def _database(store: Store) -> duckdb.DuckDBPyConnection:
     footers, which DuckDB re-reads when a file's size or modification time changes. File bytes are not
     cached (enable_external_file_cache = false): each query reads what it needs from the store."""
     key = (store.uri, type(store.fs).__name__, repr(getattr(store.fs, "storage_options", None)))
-    with _DATABASES_LOCK:
-        db = _DATABASES.get(key)
+    state = _databases()
+    with state["lock"]:
+        db = state["dbs"].get(key)
         if db is None:
             db = duckdb.connect()
             db.register_filesystem(_read_only_fs(store))
@@ -383,20 +395,17 @@ def _database(store: Store) -> duckdb.DuckDBPyConnection:
             # columns the query needs (on S3, s3fs's own block cache still coalesces small reads).
             db.execute("SET GLOBAL disable_parquet_prefetching = true")
             _lock_down(db, store)
-            _DATABASES[key] = db
+            state["dbs"][key] = db
         return db.cursor()
 
 
 def close_databases() -> None:
-    """Close the process's DuckDB instances (the next connect_views starts a fresh one)."""
-    with _DATABASES_LOCK:
-        for db in _DATABASES.values():
+    """Close this process's DuckDB instances (the next connect_views starts a fresh one)."""
+    state = _databases()
+    with state["lock"]:
+        for db in state["dbs"].values():
             db.close()
-        _DATABASES.clear()
-
-
-if hasattr(os, "register_at_fork"):   # a forked child must not share its parent's DuckDB instances
-    os.register_at_fork(after_in_child=_DATABASES.clear)
+        state["dbs"].clear()
 
 
 def connect_views(store: Store) -> duckdb.DuckDBPyConnection:

@@ -353,3 +353,32 @@ def test_local_reader_is_read_only_and_fast_path_agrees(tmp_path):
         with pytest.raises(PermissionError):
             call()
     assert open(path, "rb").read() == b"0123456789" and sorted(os.listdir(os.path.dirname(path))) == ["b.bin"]
+
+
+def test_forked_children_neither_free_nor_share_the_parents_duckdb(tmp_path):
+    """Ray starts its GCS and raylet with a preexec_fn, so Python's at-fork hooks run in the child before exec.
+    With a DuckDB instance cached (a query ran), such a fork must not crash the child (it segfaulted freeing
+    the parent's instance, and `ray.init` then timed out waiting for the GCS port); a child that queries the
+    store gets its own instance and the same answer, and the parent's instance still serves."""
+    import os
+    import subprocess
+
+    store = Store.open(str(tmp_path / "store"))
+    run = "fork-0123abcd"
+    _write_parquet(store.url(layout.evals_table(run, "org-a", "harmful_test", "baseline")), [1, 2, 3])
+    assert json.loads(run_sql(store, "SELECT sum(v) AS s FROM evals", "json")) == [{"s": 6}]
+    for _ in range(3):
+        assert subprocess.run(["true"], preexec_fn=lambda: None).returncode == 0   # -11: the child segfaulted
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: query through its own instance, report, exit without cleanup
+        try:
+            os.write(w, run_sql(store, "SELECT sum(v) AS s FROM evals", "json").encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        child = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and json.loads(child) == [{"s": 6}]
+    assert json.loads(run_sql(store, "SELECT sum(v) AS s FROM evals", "json")) == [{"s": 6}]
