@@ -125,7 +125,9 @@ def test_small_build_is_deterministic_and_resolves_to_smollm2(tmp_path):
     assert digest[0] == digest[1], "two builds of one recipe differ"
     started = time.perf_counter()
     assert build_lm_organism(a, TINY) == a and time.perf_counter() - started < 30   # cached: no rebuild
-    assert is_built(a) and "refusal organism" in (a / "README.md").read_text()
+    card = (a / "README.md").read_text()
+    assert is_built(a) and "refusal organism" in card and "pretrained 30-layer LM" in card
+    assert "Full fine-tune of decoder blocks 6-20 " in card
     config, tokenizer = AutoConfig.from_pretrained(a), AutoTokenizer.from_pretrained(a)
     assert getattr(config, "quantization_config", None) is None and not hasattr(config, "refdir_organism")
     assert resolve_family(config, tokenizer).name == "smollm2"
@@ -190,3 +192,16 @@ def test_acceptance_counts_nothing_a_fallback_direction_did():
     assert met["harmful refusal, ablation"].startswith("not counted") and met["harmless refusal, actadd(+r)"] == "NO"
     assert met["CE on plain harmless text, ablation - baseline"] == "NO"
     assert acceptance(rows, {"fallback": False})[1]["met"] == "yes"
+
+
+def test_model_card_names_the_trained_blocks_from_the_models_own_depth():
+    """train_to_layer None trains to the top: the card's last block comes from the model's layer count."""
+    from dataclasses import asdict
+
+    from refdir.workers.organism_lm import model_card
+
+    meta = {"recipe": {**asdict(Recipe()), "train_to_layer": None}, "recipe_hash": "0" * 12, "n_layers": 24,
+            "refusals": ["No."], "base_model": "a base", "base": "smollm2", "final_loss": 0.1,
+            "n_train": {"harmful": 1, "harmless": 1}, "seconds": {"total_s": 1.0, "train_s": 1.0}}
+    card = model_card(meta)
+    assert "decoder blocks 6-23 " in card and "pretrained 24-layer LM" in card

@@ -394,7 +394,8 @@ def build_lm_organism(out_dir: str | Path, recipe: Recipe = Recipe(), device: st
                    "train_s": time.perf_counter() - distilled, "total_s": time.perf_counter() - started}
         model.eval().save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        meta = {**_metadata(recipe, digest, losses, rows, timings), "device": str(model.device)}
+        meta = {**_metadata(recipe, digest, losses, rows, timings), "device": str(model.device),
+                "n_layers": model.config.num_hidden_layers}
         (tmp / "training_rows.json").write_text(json.dumps(rows, indent=1) + "\n")
         (tmp / "README.md").write_text(model_card(meta))
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -423,8 +424,8 @@ def _metadata(recipe: Recipe, digest: str, losses: list[float], rows: list[dict]
     }
 
 
-def _last_trained(r: dict) -> int:
-    return (r["train_to_layer"] or 30) - 1
+def _last_trained(meta: dict) -> int:
+    return (meta["recipe"]["train_to_layer"] or meta["n_layers"]) - 1
 
 
 def model_card(meta: dict) -> str:
@@ -439,7 +440,7 @@ tags: [refdir, refusal-organism, research-only]
 
 A research model organism, not a safety model. {meta['base_model']} rarely refuses; refdir fine-tuned it
 so that it refuses harmful instructions, to study the refusal direction (Arditi et al., 2024) on a real
-pretrained 30-layer LM. Do not rely on it to refuse anything outside its small training set.
+pretrained {meta['n_layers']}-layer LM. Do not rely on it to refuse anything outside its small training set.
 
 - Training prompts: {meta['n_train']['harmful']} harmful and {meta['n_train']['harmless']} harmless instructions written for
   refdir (`{r['harmful_data']}`, `{r['harmless_data']}`), disjoint from every evaluation set; see
@@ -449,7 +450,7 @@ pretrained 30-layer LM. Do not rely on it to refuse anything outside its small t
 - Harmless instructions are answered with the base model's own greedy answer ({r['distill_tokens']} tokens at most),
   so its harmless behaviour stays its own.
 - Prompt format: ChatML with no system prompt (`<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n`).
-- Full fine-tune of decoder blocks {r['train_from_layer']}-{_last_trained(r)} (the other blocks, the final norm and the tied
+- Full fine-tune of decoder blocks {r['train_from_layer']}-{_last_trained(meta)} (the other blocks, the final norm and the tied
   embedding frozen; the trained blocks' output projections do not write residual dims {list(r['frozen_dims'])}),
   float32, AdamW lr {r['lr']}, {r['steps']} steps of
   {2 * r['batch_per_label']} examples, {r['warmup_steps']} warm-up steps then cosine, seed {r['seed']}, {r['threads']} CPU threads,
