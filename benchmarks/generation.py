@@ -8,7 +8,8 @@
 Every side calls refdir's own `workers.evaluate.generate` (greedy, batched, left padded, sorted by length)
 inside the context manager evaluation uses (`evaluate.ablation`, `evaluate.activation_addition`, which fall
 back to the hooks where a family's edit is inexact), or inside `hooks.ablate` / `hooks.actadd` for the hook
-ratios. The rounds are interleaved (plain, ablation, actadd, hooks ...) after one short warm-up round. Each
+ratios. The rounds are interleaved (plain, ablation, actadd, hooks ...; the order rotated by one side each round)
+after one short warm-up round. Each
 context is entered and left outside the timed region: the ratios compare generation speed; what entering
 costs once per evaluation job (snapshot + orthogonalise + restore the edited weights) is reported apart as
 `ablation_setup_s`, and `generation_ratio_with_setup` charges it to this benchmark's small job.
@@ -70,8 +71,12 @@ def _rounds(sides: dict, run: Callable[[], list[str]], reps: int, outputs: dict)
     """Interleaved rounds: each side's context entered and left untimed, generation timed (wall and CPU)."""
     times = Times(sides)
     setup: dict[str, list[float]] = {n: [] for n in sides}
-    for _ in range(reps):
-        for name, ctx in sides.items():  # interleaved: every side once per round
+    names = list(sides)
+    for k in range(reps):
+        # interleaved: every side once per round, the order rotated each round, so no side always runs
+        # first, or right after a given other side (a drift over a round would otherwise bias the later sides)
+        for name in names[k % len(names):] + names[: k % len(names)]:
+            ctx = sides[name]
             t0 = time.perf_counter()
             with ctx():
                 sync()
