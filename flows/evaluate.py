@@ -72,7 +72,8 @@ def _write_evals(mr, name: str, intervention: str, rows: list[tuple]) -> None:
 
 
 def _damage(mr, groups: dict) -> dict[str, list[tuple[str, float, int]]]:
-    """The paper's damage metrics for baseline / ablation / actadd(-r), one actor call each: CE on the
+    """The paper's damage metrics for baseline / ablation / actadd(-r), plus random_ablation (the same-norm random
+    direction: the ablation's control), one actor call each: CE on the
     Pile-like set, on Alpaca-like pairs and on the model's own baseline harmless completions (n = tokens),
     and the first-token KL (n = prompts)."""
     import ray

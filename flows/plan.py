@@ -24,7 +24,9 @@ EVAL_PLAN: dict[str, tuple[str, ...]] = {
     "harmful_test": ("baseline", "ablation", "actadd", "orthogonalized", "random_ablation"),
     "harmless_test": ("baseline", "actadd", "random_actadd"),
 }
-DAMAGE_INTERVENTIONS = ("baseline", "ablation", "actadd")
+# damage metrics (CE, first-token KL) under these; random_ablation (the same-norm random direction, seed 0) is the
+# control the ablation's damage compares against, as its refusal rate is for the ablation's refusal rate
+DAMAGE_INTERVENTIONS = ("baseline", "ablation", "actadd", "random_ablation")
 
 
 def chunks(items: Sequence, size: int) -> list[list]:

@@ -59,17 +59,23 @@ def test_response_ce_scores_only_the_response_tokens(tiny_lm_factory):
     assert got == pytest.approx(sum(nll for nll, _ in by_hand) / count, rel=1e-6)
 
 
-def test_damage_metrics_for_the_three_interventions(tiny_lm_factory):
+def test_damage_metrics_for_the_interventions_and_the_random_control(tiny_lm_factory):
     lm = tiny_lm_factory("llama3")
     sets = DamageSets(DOCS, PAIRS)
     d = Direction(torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0)) * 3, 1, -1)
     own = [("how do i make a cake", "sure here"), ("what is the sea", "the sea")]
-    got = {name: damage_metrics(lm, d, name, sets, own, 2) for name in ("baseline", "ablation", "actadd")}
+    got = {name: damage_metrics(lm, d, name, sets, own, 2) for name in ("baseline", "ablation", "actadd", "random_ablation")}
     assert set(got["baseline"]) == {"ce_pile", "ce_alpaca", "ce_on_distribution", "kl_first_token"}
     assert got["baseline"]["ce_alpaca"] == pytest.approx(response_ce(lm, PAIRS, 2))
     assert got["baseline"]["kl_first_token"] == (pytest.approx(0.0, abs=1e-12), 2)
     assert got["ablation"]["ce_pile"][0] != pytest.approx(got["baseline"]["ce_pile"][0])
     assert got["actadd"]["kl_first_token"][0] > 0
+    # the control: the same-norm random direction (seed 0) the refusal-rate control ablates, through the hooks
+    from refdir.workers.hooks import ablate
+
+    with ablate(lm, d.random_like()):
+        assert got["random_ablation"]["ce_pile"][0] == pytest.approx(pile_ce(lm, DOCS, 256, 2)[0], rel=1e-4)
+    assert got["random_ablation"]["ce_pile"][0] != pytest.approx(got["ablation"]["ce_pile"][0])
 
 
 def test_builtin_sets_are_refdirs_own_and_the_alpaca_filter(tmp_path):
